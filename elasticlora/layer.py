@@ -1,0 +1,274 @@
+"""Elastic LoRA layers: PEFT's own LoRA layers with a prefix mask over the rank dimension.
+
+Nothing of LoRA is re-implemented here. Each elastic layer is a subclass of a PEFT LoRA layer (`nn.Linear`,
+transformers `Conv1D`, bitsandbytes `Linear8bitLt`/`Linear4bit`) whose `lora_variant` is `ElasticVariant`, so PEFT's
+forward, merge and mixed-batch code paths call into the variant. For an input `x` of shape (B, ..., in) the variant
+computes
+
+    h = A x                                  # (B, ..., r)
+    y = W0 x + scaling * B (h * m)           # m: (B, 1, ..., r), m[b, j] = s(k_b) if j < k_b else 0
+
+in training, with `k_b` drawn per example (or per batch) and `s(k) = (r / k) ** truncation_scale_power`, which costs
+O(B * T * r) against the O(B * T * r * width) of the LoRA matmuls. At a fixed truncation `k` (eval, shrink, export)
+it slices instead: `scaling * s(k) * B[:, :k] (A[:k] x)`, which is cheaper than full rank.
+
+Draws are a pure function of (torch seed, process rank, layer, call count), from a private generator: they are
+reproducible, independent across layers and across data-parallel processes, and identical when gradient
+checkpointing recomputes a forward pass during backward.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear, LoraLayer, LoraVariant
+from peft.utils.other import transpose
+
+from .config import ElasticLoraConfig
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 31)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _process_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. when gradient checkpointing recomputes a forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class ElasticState:
+    """Per-(layer, adapter) runtime state; not part of the state dict."""
+
+    r: int
+    support: list[int]  # truncation ranks the sampler draws, ascending; the last is r
+    probs: list[float]
+    scales: list[float]  # s(k) for each k in support
+    scale_power: float
+    per_layer_draws: bool
+    draw_per: str
+    layer_key: int = 0
+    rank: int | None = None  # fixed truncation; None = full rank in eval, sampled in training
+    merged_rank: int | None = None
+    calls: int = 0
+    last_draw: torch.Tensor | None = None
+    _tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, config: ElasticLoraConfig, r: int, target_name: str) -> ElasticState:
+        support = config.rank_support(r)
+        n = len(support)
+        probs = [(1.0 - config.full_rank_prob) / n] * n
+        probs[-1] += config.full_rank_prob
+        return cls(
+            r=r,
+            support=support,
+            probs=probs,
+            scales=[(r / k) ** config.truncation_scale_power for k in support],
+            scale_power=config.truncation_scale_power,
+            per_layer_draws=config.per_layer_draws,
+            draw_per=config.draw_per,
+            layer_key=zlib.crc32(target_name.encode()),
+        )
+
+    @property
+    def samples(self) -> bool:
+        return len(self.support) > 1
+
+    def scale_at(self, k: int) -> float:
+        return (self.r / k) ** self.scale_power
+
+    def _device_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._tables:
+            cdf = torch.tensor(self.probs, dtype=torch.float64).cumsum(0)
+            cdf[-1] = 1.0  # guard against rounding: searchsorted(u < 1) must stay in range
+            prefix = torch.arange(self.r)[None, :] < torch.tensor(self.support)[:, None]  # (n, r)
+            masks = prefix.to(torch.float32) * torch.tensor(self.scales)[:, None]
+            self._tables[key] = (cdf.to(device=device, dtype=torch.float32), masks.to(device=device, dtype=dtype))
+        return self._tables[key]
+
+    def draw(self, n_draws: int, device: torch.device) -> torch.Tensor:
+        """Indices into `support`, one per draw; reused as-is while gradient checkpointing recomputes."""
+        if _in_backward() and self.last_draw is not None and self.last_draw.shape[0] == n_draws:
+            return self.last_draw
+        self.calls += 1
+        layer_key = self.layer_key if self.per_layer_draws else 0
+        seed = torch.initial_seed()
+        for part in (_process_rank(), layer_key, self.calls):
+            seed = _splitmix64(seed ^ part)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed & ((1 << 63) - 1))
+        cdf, _ = self._device_tables(device, torch.float32)
+        u = torch.rand(n_draws, generator=generator, device=device)
+        self.last_draw = torch.searchsorted(cdf, u, right=True).clamp_(max=len(self.support) - 1)
+        return self.last_draw
+
+    def training_mask(self, h: torch.Tensor) -> torch.Tensor:
+        """Scaled prefix mask broadcastable to the rank activations `h` (B, ..., r)."""
+        per_example = self.draw_per == "example" and h.dim() > 1
+        n_draws = h.shape[0] if per_example else 1
+        idx = self.draw(n_draws, h.device)
+        _, masks = self._device_tables(h.device, h.dtype)
+        mask = masks.index_select(0, idx)  # (n_draws, r)
+        if not per_example:
+            return mask[0]
+        return mask.view(n_draws, *([1] * (h.dim() - 2)), self.r)
+
+    def drawn_ranks(self) -> torch.Tensor | None:
+        """The truncation ranks of the last training draw (for inspection and tests)."""
+        if self.last_draw is None:
+            return None
+        return torch.tensor(self.support, device=self.last_draw.device)[self.last_draw]
+
+
+def _effective_rank(state: ElasticState, rank: int | None) -> int:
+    return state.r if rank is None else min(rank, state.r)
+
+
+def elastic_delta_weight(module: LoraLayer, adapter: str, rank: int | None = None) -> torch.Tensor:
+    """The weight update `scaling * s(k) * B[:, :k] A[:k]` in the base weight's layout, at `rank` (None: full)."""
+    state: ElasticState = module.elastic_state[adapter]
+    k = _effective_rank(state, rank)
+    weight_a = module.lora_A[adapter].weight
+    weight_b = module.lora_B[adapter].weight
+    dtype = weight_b.dtype
+    if k == 0:
+        delta = torch.zeros(weight_b.shape[0], weight_a.shape[1], device=weight_b.device, dtype=dtype)
+        return transpose(delta, module.fan_in_fan_out)
+    # fp32 accumulation: CPUs are slow and inexact at half-precision matmuls
+    delta = weight_b[:, :k].float() @ weight_a[:k].float()
+    delta = delta * (module.scaling[adapter] * state.scale_at(k))
+    return transpose(delta.to(dtype), module.fan_in_fan_out)
+
+
+class ElasticVariant(LoraVariant):
+    """The LoRA variant behind every elastic layer: a rank-prefix mask in training, slicing at a fixed rank."""
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, config: ElasticLoraConfig, **kwargs: Any) -> None:
+        if not hasattr(module, "elastic_state"):
+            module.elastic_state = {}
+        target_name = kwargs.get("target_name") or getattr(module, "elastic_target_name", "")
+        module.elastic_state[adapter_name] = ElasticState.from_config(config, module.r[adapter_name], target_name)
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        state = module.elastic_state[active_adapter]
+        state.merged_rank = state.rank
+        return orig_weight + elastic_delta_weight(module, active_adapter, state.rank).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        state = module.elastic_state[active_adapter]
+        state.merged_rank = state.rank
+        orig_weight.data += elastic_delta_weight(module, active_adapter, state.rank).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        state = module.elastic_state[active_adapter]
+        delta = elastic_delta_weight(module, active_adapter, state.merged_rank)
+        state.merged_rank = None
+        return orig_weight.data - delta.to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(
+        module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        state: ElasticState = module.elastic_state[active_adapter]
+        lora_a = module.lora_A[active_adapter]
+        lora_b = module.lora_B[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        scaling = module.scaling[active_adapter]
+        x = module._cast_input_dtype(x, lora_a.weight.dtype)
+
+        if state.rank is None and module.training and state.samples:
+            h = lora_a(dropout(x))  # (B, ..., r)
+            return result + lora_b(h * state.training_mask(h)) * scaling
+        k = _effective_rank(state, state.rank)
+        if k == state.r:
+            return result + lora_b(lora_a(dropout(x))) * scaling
+        if k == 0:
+            return result
+        h = F.linear(dropout(x), lora_a.weight[:k])  # (B, ..., k)
+        return result + F.linear(h, lora_b.weight[:, :k]) * (scaling * state.scale_at(k))
+
+
+class ElasticLayerMixin:
+    """What every elastic layer adds to its PEFT LoRA base class."""
+
+    other_param_names = LoraLayer.other_param_names + ("elastic_state",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: ElasticLoraConfig, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        # bitsandbytes layers do not forward `target_name` to `update_layer`; fix the draw key up here
+        self.elastic_target_name = kwargs.get("target_name", "")
+        for state in self.elastic_state.values():
+            state.layer_key = zlib.crc32(self.elastic_target_name.encode())
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        if isinstance(config, ElasticLoraConfig):
+            return ElasticVariant()
+        return super().resolve_lora_variant(config=config, **kwargs)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        if adapter in getattr(self, "elastic_state", {}):
+            return elastic_delta_weight(self, adapter, self.elastic_state[adapter].rank)
+        return super().get_delta_weight(adapter)
+
+    def set_elastic_rank(self, rank: int | None, adapter_name: str) -> None:
+        """Run this layer at truncation `rank` (0 drops the adapter, None restores full rank / training draws)."""
+        state = self.elastic_state[adapter_name]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= state.r):
+            raise ValueError(f"rank for {self.elastic_target_name!r} must be an int in [0, {state.r}], got {rank!r}")
+        if self.merged:
+            raise ValueError("cannot change the rank of a merged adapter; call `unmerge_adapter()` first")
+        state.rank = rank
+
+
+class ElasticLinear(ElasticLayerMixin, Linear):
+    def __repr__(self) -> str:
+        return "elastic" + super().__repr__()
+
+
+def _make_conv1d(target: nn.Module, adapter_name: str, config: ElasticLoraConfig, **kwargs) -> ElasticLinear:
+    # transformers' Conv1D stores its weight as (in, out); PEFT's own dispatch flags that with fan_in_fan_out
+    config.fan_in_fan_out = True
+    return ElasticLinear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
+
+
+def _make_linear(target: nn.Module, adapter_name: str, config: ElasticLoraConfig, **kwargs) -> ElasticLinear:
+    config.fan_in_fan_out = False
+    return ElasticLinear(target, adapter_name, config=config, **kwargs)
+
+
+def register_elastic_modules(config: ElasticLoraConfig) -> None:
+    """Map the layer types elastic LoRA supports to their elastic layers, most specific first.
+
+    Order matters: PEFT's custom dispatch takes the first `isinstance` match, and bitsandbytes layers subclass
+    `nn.Linear`.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    from .bnb import bnb_factories
+
+    mapping: dict[type, Any] = bnb_factories()
+    mapping[Conv1D] = _make_conv1d
+    mapping[nn.Linear] = _make_linear
+    config._register_custom_module(mapping)

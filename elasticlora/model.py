@@ -1,0 +1,60 @@
+"""Load a saved adapter back as an elastic model, to continue training or to shrink it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+from peft import PeftModel
+
+from .config import ELASTIC_FIELDS, ElasticLoraConfig
+
+CONFIG_NAME = "adapter_config.json"
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The raw `adapter_config.json` of a saved adapter, with a clear error when it is missing or unreadable."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter directory: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise ValueError(f"{path} is not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
+    return config
+
+
+def is_elastic_adapter(adapter_dir: str | Path) -> bool:
+    """Whether the adapter was trained with ElasticLoraConfig (its config keeps the elastic fields)."""
+    return any(name in read_adapter_config(adapter_dir) for name in ELASTIC_FIELDS)
+
+
+def elastic_config_from_dir(adapter_dir: str | Path, **overrides) -> ElasticLoraConfig:
+    """An ElasticLoraConfig for a saved adapter; a plain LoRA gets `rank_sampler='none'` unless overridden."""
+    raw = read_adapter_config(adapter_dir)
+    if not any(name in raw for name in ELASTIC_FIELDS):
+        raw["rank_sampler"] = "none"
+    known = ElasticLoraConfig.__dataclass_fields__
+    kwargs = {k: v for k, v in raw.items() if k in known and known[k].init}
+    kwargs.update(overrides)
+    return ElasticLoraConfig(**kwargs)
+
+
+def load_elastic(
+    model: nn.Module,
+    adapter_dir: str | Path,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **overrides,
+) -> PeftModel:
+    """Load a saved adapter onto `model` with elastic layers: run it at any rank, shrink it, or keep training it.
+
+    `overrides` replace config fields, e.g. `rank_sampler="log2"` to continue training a plain LoRA elastically.
+    """
+    config = elastic_config_from_dir(adapter_dir, **overrides)
+    return PeftModel.from_pretrained(
+        model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable, config=config
+    )

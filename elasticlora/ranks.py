@@ -1,0 +1,125 @@
+"""Run an elastic model at chosen ranks, without copying weights, and count adapter parameters.
+
+Ranks are given as one int for every layer, a mapping from module name to rank (names as PEFT's `rank_pattern`
+keys them: the module's full name in the base model, e.g. `model.layers.0.self_attn.q_proj`), or None for full rank.
+A rank of 0 drops a module's adapter.
+
+    with at_ranks(model, 4):
+        loss = model(**batch).loss          # every layer truncated to its first 4 components
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch.nn as nn
+from peft.tuners.lora import LoraModel
+
+from .layer import ElasticLayerMixin
+
+RankSpec = int | Mapping[str, int | None] | None
+
+
+def _root(model: nn.Module) -> nn.Module:
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    if isinstance(model, LoraModel):
+        return model.model
+    return model
+
+
+def elastic_layers(model: nn.Module) -> dict[str, ElasticLayerMixin]:
+    """Every elastic LoRA layer of `model` by full module name, in model order."""
+    layers = {name: m for name, m in _root(model).named_modules() if isinstance(m, ElasticLayerMixin)}
+    if not layers:
+        raise ValueError(
+            "the model has no elastic LoRA layers: wrap it with `get_peft_model(model, ElasticLoraConfig())` or load "
+            "an elastic adapter with `elasticlora.load_elastic`"
+        )
+    return layers
+
+
+def active_adapter_name(model: nn.Module, adapter_name: str | None = None) -> str:
+    if adapter_name is not None:
+        return adapter_name
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, str):
+        return active
+    layer = next(iter(elastic_layers(model).values()))
+    return layer.active_adapters[0]
+
+
+def max_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
+    """The trained (maximum) rank of every elastic layer."""
+    adapter = active_adapter_name(model, adapter_name)
+    return {name: layer.r[adapter] for name, layer in elastic_layers(model).items() if adapter in layer.r}
+
+
+def resolve_ranks(model: nn.Module, ranks: RankSpec, adapter_name: str | None = None) -> dict[str, int]:
+    """Expand a rank spec to an explicit {module name: rank} for every elastic layer, validating it."""
+    full = max_ranks(model, adapter_name)
+    if ranks is None:
+        return dict(full)
+    if isinstance(ranks, Mapping):
+        unknown = sorted(set(ranks) - set(full))
+        if unknown:
+            examples = ", ".join(list(full)[:3])
+            raise ValueError(f"unknown module names in ranks: {unknown[:5]}; names look like: {examples}")
+        resolved = {name: full[name] if ranks.get(name) is None else ranks[name] for name in full}
+    elif isinstance(ranks, int) and not isinstance(ranks, bool):
+        resolved = {name: min(ranks, r) for name, r in full.items()}
+    else:
+        raise TypeError(f"ranks must be None, an int or a mapping of module name to int, got {type(ranks).__name__}")
+    for name, k in resolved.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= full[name]:
+            raise ValueError(f"rank for {name!r} must be an int in [0, {full[name]}], got {k!r}")
+    return resolved
+
+
+def set_ranks(model: nn.Module, ranks: RankSpec, adapter_name: str | None = None) -> dict[str, int | None]:
+    """Fix every elastic layer at the given ranks (None: full rank in eval, sampled ranks in training).
+
+    Returns the previous setting, which `set_ranks` accepts to restore it.
+    """
+    adapter = active_adapter_name(model, adapter_name)
+    layers = elastic_layers(model)
+    previous = {name: layer.elastic_state[adapter].rank for name, layer in layers.items()}
+    if ranks is None:
+        new: Mapping[str, int | None] = dict.fromkeys(layers)
+    elif isinstance(ranks, Mapping) and any(v is None for v in ranks.values()):
+        resolve_ranks(model, {k: v for k, v in ranks.items() if v is not None}, adapter)  # validates
+        new = {name: ranks.get(name) for name in layers}
+    else:
+        new = resolve_ranks(model, ranks, adapter)
+    for name, layer in layers.items():
+        layer.set_elastic_rank(new[name], adapter)
+    return previous
+
+
+@contextlib.contextmanager
+def at_ranks(model: nn.Module, ranks: RankSpec, adapter_name: str | None = None) -> Iterator[nn.Module]:
+    """Context manager: run `model` at `ranks`, restoring the previous ranks on exit."""
+    previous = set_ranks(model, ranks, adapter_name)
+    try:
+        yield model
+    finally:
+        set_ranks(model, previous, adapter_name)
+
+
+def module_shapes(model: nn.Module, adapter_name: str | None = None) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every elastic layer."""
+    return {name: (layer.in_features, layer.out_features) for name, layer in elastic_layers(model).items()}
+
+
+def adapter_param_count(model: nn.Module, ranks: RankSpec = None, adapter_name: str | None = None) -> int:
+    """Number of LoRA parameters (A and B) at `ranks`: sum over modules of k * (in_features + out_features)."""
+    resolved = resolve_ranks(model, ranks, adapter_name)
+    shapes = module_shapes(model, adapter_name)
+    return sum(k * (shapes[name][0] + shapes[name][1]) for name, k in resolved.items())
+
+
+def merge_and_unload_at(model: nn.Module, ranks: RankSpec, adapter_name: str | None = None) -> nn.Module:
+    """Merge the adapter truncated to `ranks` into the base weights and return the plain base model."""
+    set_ranks(model, ranks, adapter_name)
+    return model.merge_and_unload()

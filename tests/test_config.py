@@ -1,0 +1,68 @@
+import pytest
+from conftest import MODELS
+from peft import LoraConfig, get_peft_model
+
+from elasticlora import ElasticLinear, ElasticLoraConfig, elastic_layers
+
+
+@pytest.mark.parametrize("model_id", sorted(MODELS))
+def test_no_argument_config_adapts_every_linear_layer(model_id):
+    model = get_peft_model(MODELS[model_id](), ElasticLoraConfig())
+    layers = elastic_layers(model)
+    per_block = 7 if model_id == "llama" else 4  # q k v o gate up down / c_attn c_proj c_fc c_proj
+    assert len(layers) == 2 * per_block
+    assert all(isinstance(layer, ElasticLinear) for layer in layers.values())
+    assert all(layer.r["default"] == 64 for layer in layers.values())
+    assert not any("lm_head" in name for name in layers)
+
+
+def test_config_is_a_lora_config_and_keeps_peft_type():
+    config = ElasticLoraConfig()
+    assert isinstance(config, LoraConfig)
+    assert config.peft_type.value == "LORA"
+    assert config.to_dict()["rank_sampler"] == "log2"
+
+
+INVALID = [
+    ("r", 0),
+    ("r", -4),
+    ("min_rank", 0),
+    ("full_rank_prob", -0.1),
+    ("full_rank_prob", 1.5),
+    ("full_rank_prob", float("nan")),
+    ("truncation_scale_power", 2.0),
+    ("rank_sampler", "gaussian"),
+    ("draw_per", "token"),
+    ("per_layer_draws", "yes"),
+    ("use_dora", True),
+    ("lora_bias", True),
+    ("bias", "all"),
+]
+
+
+@pytest.mark.parametrize("field,value", INVALID, ids=[f"{f}={v}" for f, v in INVALID])
+def test_invalid_values_raise_naming_the_field_and_value(field, value):
+    with pytest.raises(ValueError) as err:
+        ElasticLoraConfig(**{field: value})
+    assert field in str(err.value)
+    if not isinstance(value, bool):
+        assert str(value) in str(err.value)
+
+
+def test_min_rank_above_max_rank_raises():
+    with pytest.raises(ValueError, match=r"`min_rank` \(16\) must not exceed the maximum rank `r` \(8\)"):
+        ElasticLoraConfig(r=8, min_rank=16)
+
+
+SUPPORTS = [
+    ({"r": 64}, [1, 2, 4, 8, 16, 32, 64]),
+    ({"r": 24}, [1, 2, 4, 8, 16, 24]),
+    ({"r": 32, "min_rank": 4}, [4, 8, 16, 32]),
+    ({"r": 6, "rank_sampler": "uniform", "min_rank": 2}, [2, 3, 4, 5, 6]),
+    ({"r": 16, "rank_sampler": "none"}, [16]),
+]
+
+
+@pytest.mark.parametrize("kwargs,expected", SUPPORTS)
+def test_rank_support(kwargs, expected):
+    assert ElasticLoraConfig(**kwargs).rank_support() == expected

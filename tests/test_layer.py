@@ -1,0 +1,198 @@
+import copy
+
+import pytest
+import torch
+from conftest import MODELS, randomize_lora, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, load_elastic, set_ranks
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def elastic_model(model_id="llama", **kwargs):
+    model = get_peft_model(MODELS[model_id](), ElasticLoraConfig(r=8, **kwargs))
+    randomize_lora(model)
+    return model
+
+
+def plain_copy(elastic, r=8, lora_alpha=16):
+    """A plain PEFT LoRA holding the elastic model's weights."""
+    model_id = "gpt2" if "GPT2" in type(elastic.get_base_model()).__name__ else "llama"
+    plain = get_peft_model(
+        MODELS[model_id](), LoraConfig(r=r, lora_alpha=lora_alpha, use_rslora=True, target_modules="all-linear")
+    )
+    plain.load_state_dict(elastic.state_dict())
+    return plain.eval()
+
+
+@pytest.mark.parametrize("model_id", sorted(MODELS))
+def test_disabled_adapter_equals_base_model(model_id, input_ids):
+    model = elastic_model(model_id).eval()
+    base = MODELS[model_id]()
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(input_ids).logits, base(input_ids).logits)
+
+
+@pytest.mark.parametrize("model_id", sorted(MODELS))
+def test_full_rank_eval_equals_plain_peft_lora(model_id, input_ids):
+    model = elastic_model(model_id).eval()
+    plain = plain_copy(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, plain(input_ids).logits)
+        assert not torch.equal(model(input_ids).logits, MODELS[model_id]()(input_ids).logits)
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_rank_k_equals_peft_lora_sliced_to_k(k, power, input_ids):
+    model = elastic_model(truncation_scale_power=power).eval()
+    # a rank-k rsLoRA with the same scale: alpha_k / sqrt(k) == 16 / sqrt(8) * (8 / k) ** power
+    alpha_k = 16 / 8**0.5 * (8 / k) ** power * k**0.5
+    plain = get_peft_model(
+        tiny_llama(), LoraConfig(r=k, lora_alpha=alpha_k, use_rslora=True, target_modules="all-linear")
+    )
+    sliced = {
+        name: (param[:k] if "lora_A" in name else param[:, :k]) if "lora_" in name else param
+        for name, param in model.state_dict().items()
+    }
+    plain.load_state_dict(sliced)
+    with torch.no_grad(), at_ranks(model, k):
+        assert torch.allclose(model(input_ids).logits, plain.eval()(input_ids).logits, atol=1e-6)
+
+
+def test_rank_zero_drops_the_adapter(input_ids):
+    model = elastic_model().eval()
+    with torch.no_grad(), at_ranks(model, 0):
+        assert torch.equal(model(input_ids).logits, tiny_llama()(input_ids).logits)
+
+
+def test_each_example_trains_its_own_drawn_rank():
+    """In training mode example b of a batch sees exactly the adapter truncated to its drawn rank k_b."""
+    model = elastic_model(full_rank_prob=0.0)
+    layer = elastic_layers(model)[Q_PROJ]
+    state = layer.elastic_state["default"]
+    x = torch.randn(16, 5, layer.in_features)
+    layer.train()
+    y = layer(x)
+    ks = state.drawn_ranks()
+    assert len(set(ks.tolist())) > 1, "16 draws over 4 ranks should not all agree"
+    layer.eval()
+    for b, k in enumerate(ks.tolist()):
+        layer.set_elastic_rank(k, "default")
+        assert torch.allclose(y[b], layer(x[b : b + 1])[0], atol=1e-6)
+    layer.set_elastic_rank(None, "default")
+
+
+def test_masked_components_receive_zero_gradient():
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, full_rank_prob=0.0, init_lora_weights=False))
+    layer = elastic_layers(model)[Q_PROJ]
+    x = torch.randn(1, 5, layer.in_features)
+    layer.train()
+    for _ in range(20):  # until a truncated rank is drawn
+        layer.zero_grad()
+        layer(x).sum().backward()
+        (k,) = layer.elastic_state["default"].drawn_ranks().tolist()
+        if k < 8:
+            break
+    grad_a, grad_b = layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+    assert torch.all(grad_a[k:] == 0) and torch.all(grad_b[:, k:] == 0)
+    assert grad_a[:k].abs().sum() > 0 and grad_b[:, :k].abs().sum() > 0
+
+
+def test_batch_and_shared_draws():
+    model = elastic_model(draw_per="batch", per_layer_draws=False).train()
+    model(torch.randint(0, 64, (8, 6)))
+    draws = [layer.elastic_state["default"].drawn_ranks() for layer in elastic_layers(model).values()]
+    assert all(d.numel() == 1 for d in draws)
+    assert len({int(d) for d in draws}) == 1, "per_layer_draws=False shares one rank across layers"
+
+
+def test_independent_layer_draws_differ_and_are_reproducible(input_ids):
+    def draws():
+        model = elastic_model().train()
+        torch.manual_seed(123)
+        model(input_ids)
+        return [layer.elastic_state["default"].drawn_ranks() for layer in elastic_layers(model).values()]
+
+    first, second = draws(), draws()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert len({tuple(d.tolist()) for d in first}) > 1
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_recomputes_the_same_draws(use_reentrant, input_ids):
+    def grads(checkpointing):
+        model = elastic_model()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        torch.manual_seed(7)
+        model(input_ids, labels=input_ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_merge_and_unload_at_a_truncation(k, input_ids):
+    model = elastic_model().eval()
+    with torch.no_grad(), at_ranks(model, k):
+        expected = model(input_ids).logits
+    set_ranks(model, k)
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids).logits, expected, atol=1e-5)
+
+
+def test_merge_then_unmerge_restores_base_weights():
+    model = elastic_model().eval()
+    before = copy.deepcopy(model.get_base_model().state_dict())
+    set_ranks(model, 3)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        set_ranks(model, 5)
+    model.unmerge_adapter()
+    after = model.get_base_model().state_dict()
+    assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
+
+
+@pytest.mark.parametrize("model_id", sorted(MODELS))
+def test_save_then_plain_peft_load_gives_identical_outputs(model_id, tmp_path, input_ids):
+    model = elastic_model(model_id).eval()
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="rank_sampler"):
+        plain = PeftModel.from_pretrained(MODELS[model_id](), tmp_path)
+    assert type(plain.peft_config["default"]) is LoraConfig
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids).logits, model(input_ids).logits)
+
+
+def test_save_then_elastic_reload_keeps_ranks_and_resumes_training(tmp_path, input_ids):
+    model = elastic_model(full_rank_prob=0.1, truncation_scale_power=0.5).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = load_elastic(tiny_llama(), tmp_path, is_trainable=True)
+    config = reloaded.peft_config["default"]
+    assert (config.full_rank_prob, config.truncation_scale_power) == (0.1, 0.5)
+    with torch.no_grad(), at_ranks(model, 2), at_ranks(reloaded, 2):
+        assert torch.equal(reloaded.eval()(input_ids).logits, model(input_ids).logits)
+    reloaded.train()
+    reloaded(input_ids, labels=input_ids).loss.backward()
+    layer = elastic_layers(reloaded)[Q_PROJ]
+    assert layer.elastic_state["default"].drawn_ranks() is not None
+    assert layer.lora_A["default"].weight.grad is not None
+
+
+def test_conv1d_gpt2_trains(input_ids):
+    model = elastic_model("gpt2").train()
+    layer = elastic_layers(model)["transformer.h.0.attn.c_attn"]
+    assert layer.fan_in_fan_out
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = layer.lora_B["default"].weight.detach().clone()
+    model(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    assert not torch.equal(before, layer.lora_B["default"].weight)
