@@ -89,6 +89,8 @@ def tokenize_rows(tokenizer, rows: Sequence[dict[str, Any]], max_length: int = 1
             ids = _encode(tokenizer, str(row["text"]))
             labels = list(ids)
         elif kind == "prompt_completion":
+            if not str(row["completion"]).strip():
+                raise ValueError(f"eval row {index} has no tokens to score: its completion is empty; fix or remove it")
             prompt_ids = _encode(tokenizer, str(row["prompt"]))
             ids = _encode(tokenizer, str(row["prompt"]) + str(row["completion"]))
             if eos is not None and (not ids or ids[-1] != eos):

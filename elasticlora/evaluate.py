@@ -18,6 +18,19 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
+def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the scored tokens of one batch, and how many tokens were scored."""
+    labels = batch["labels"].to(device)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    # position t predicts token t + 1: (B, T-1, V) against (B, T-1)
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def eval_loss(
     model: nn.Module,
@@ -40,18 +53,10 @@ def eval_loss(
     )
     try:
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            labels = batch["labels"].to(device)
             with autocast:
-                logits = model(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                ).logits
-            # position t predicts token t + 1: (B, T-1, V) against (B, T-1)
-            logits = logits[:, :-1].float()
-            targets = labels[:, 1:]
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            count += int((targets != IGNORE_INDEX).sum())
+                loss_sum, n_tokens = batch_loss_sum(model, batch, device)
+            total += loss_sum.item()
+            count += n_tokens
     finally:
         model.train(was_training)
     if count == 0:

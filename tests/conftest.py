@@ -46,3 +46,25 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def char_tokenizer():
+    """A character-level tokenizer (37 tokens) that fits the tiny models' vocabulary; built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz .,:'?!\n")
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama with a character tokenizer: a local `--base-model`."""
+    path = tmp_path_factory.mktemp("tiny_base")
+    tiny_llama().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,210 @@
+"""One call per CLI subcommand: `shrink_adapter` (adapter dir -> shrunk standard adapter) and `inspect_adapter`."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .data import eval_batches
+from .export import (
+    VLLM_MAX_LORA_RANKS,
+    WEIGHTS_NAME,
+    adapter_files,
+    export_peft_adapter,
+    vllm_max_lora_rank,
+    write_atomically,
+)
+from .loading import load_model_and_tokenizer
+from .model import ELASTIC_FIELDS, load_elastic, read_adapter_config
+from .ranks import module_shapes
+from .report import plot_report, summary_lines
+from .shrink import shrink, svd_reorder
+
+# module names vLLM maps for Llama-family models (q/k/v into qkv_proj, gate/up into gate_up_proj)
+VLLM_LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def read_adapter_shapes(adapter_dir: str | Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{module name: {"lora_A": shape, "lora_B": shape}} from the safetensors header, without loading weights."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: save adapters with `save_pretrained` (safetensors is required)")
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                parts = key.split(".")
+                if len(parts) < 3 or parts[-2] not in ("lora_A", "lora_B") or parts[-1] != "weight":
+                    modules.setdefault("(other tensors)", {})[key] = tuple(f.get_slice(key).get_shape())
+                    continue
+                name = ".".join(parts[:-2]).removeprefix("base_model.model.")
+                modules.setdefault(name, {})[parts[-2]] = tuple(f.get_slice(key).get_shape())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    if not modules:
+        raise ValueError(f"{path} holds no tensors")
+    return modules
+
+
+def _check_shapes_match(model: torch.nn.Module, shapes: dict[str, dict[str, tuple[int, ...]]], source: str) -> None:
+    named = dict(model.named_modules())
+    for name, tensors in shapes.items():
+        if name == "(other tensors)":
+            continue
+        module = named.get(name)
+        if module is None:
+            raise ValueError(f"the adapter adapts {name!r}, which the base model does not have: wrong --base-model?")
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        out_f, in_f = (
+            (module.out_features, module.in_features) if hasattr(module, "in_features") else weight.shape[::-1]
+        )
+        a, b = tensors.get("lora_A"), tensors.get("lora_B")
+        if a is None or b is None or a[1] != in_f or b[0] != out_f:
+            raise ValueError(
+                f"{source}: {name} has lora_A {a} / lora_B {b}, but the base model's layer is {in_f} -> {out_f}: "
+                "the adapter was trained on a different base model"
+            )
+
+
+def shrink_adapter(
+    adapter_dir: str | Path,
+    base_model: str,
+    data,
+    out_dir: str | Path,
+    tolerance: float = 0.01,
+    mode: str = "relative",
+    max_params: int | None = None,
+    avg_rank: float | None = None,
+    gguf_file: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    max_passes: int = 12,
+    pad_to_max_rank: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    quality=None,
+    higher_is_better: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Shrink a saved adapter per module and write a standard PEFT LoRA adapter plus its report to `out_dir`.
+
+    `data`: a jsonl path, a list of rows or a `datasets.Dataset` (see `data.py`). The source adapter is only read;
+    `out_dir` appears complete or not at all. Returns the report (also written as `report.json`).
+    """
+    source, out = Path(adapter_dir).resolve(), Path(out_dir).resolve()
+    if out == source or source in out.parents:
+        raise ValueError(f"--out {out} must not be (inside) the source adapter directory {source}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    raw_config = read_adapter_config(source)
+    shapes = read_adapter_shapes(source)
+    elastic = any(name in raw_config for name in ELASTIC_FIELDS)
+
+    model, tokenizer = load_model_and_tokenizer(base_model, gguf_file=gguf_file)
+    if device:
+        model.to(device)
+    _check_shapes_match(model, shapes, str(source))
+    batches = eval_batches(tokenizer, data, batch_size=batch_size, max_length=max_length)
+    model = load_elastic(model, source)
+    if not elastic:
+        warnings.warn(
+            f"{source} is a plain LoRA adapter: its components are ordered by SVD of B A before the search; an "
+            "adapter trained with ElasticLoraConfig usually shrinks further at the same quality",
+            stacklevel=2,
+        )
+        svd_reorder(model)
+    if avg_rank is not None:
+        widths = sum(layer_in + layer_out for layer_in, layer_out in module_shapes(model).values())
+        max_params = int(avg_rank * widths)
+    result = shrink(
+        model,
+        batches,
+        tolerance=tolerance,
+        mode=mode,
+        max_params=max_params,
+        quality=quality,
+        higher_is_better=higher_is_better,
+        max_passes=max_passes,
+        progress=progress,
+        autocast_dtype=autocast_dtype,
+    )
+    config, tensors = export_peft_adapter(model, result.ranks, pad_to_max_rank=pad_to_max_rank)
+    config.base_model_name_or_path = str(base_model) if gguf_file is None else f"{base_model} ({gguf_file})"
+    report = result.to_dict()
+    report.update(
+        source=str(source),
+        source_is_elastic=elastic,
+        vllm_max_lora_rank=vllm_max_lora_rank(config.r),
+        export_max_rank=config.r,
+        eval_rows=sum(len(batch["input_ids"]) for batch in batches),
+    )
+    files = adapter_files(config, tensors)
+    files["report.json"] = (json.dumps(report, indent=2) + "\n").encode()
+    png = io.BytesIO()
+    plot_report(report, png)
+    files["report.png"] = png.getvalue()
+    write_atomically(out, files, overwrite=overwrite)
+    report["out"] = str(out)
+    report["summary"] = summary_lines(report)
+    return report
+
+
+def inspect_adapter(adapter_dir: str | Path) -> dict:
+    """Ranks, parameter count, vLLM rank bucket and whether plain PEFT and vLLM can load a saved adapter."""
+    from peft import LoraConfig
+
+    raw = read_adapter_config(adapter_dir)
+    shapes = read_adapter_shapes(adapter_dir)
+    problems_peft, problems_vllm = [], []
+    ranks, params = {}, 0
+    for name, tensors in shapes.items():
+        if name == "(other tensors)":
+            problems_vllm.append(f"non-LoRA tensors: {sorted(tensors)[:3]}")
+            continue
+        a, b = tensors.get("lora_A"), tensors.get("lora_B")
+        if a is None or b is None or a[0] != b[1]:
+            problems_peft.append(f"{name}: lora_A {a} and lora_B {b} do not pair up")
+            continue
+        ranks[name] = a[0]
+        params += a[0] * (a[1] + b[0])
+    try:
+        known = LoraConfig.__dataclass_fields__
+        LoraConfig(**{k: v for k, v in raw.items() if k in known and known[k].init})
+    except (TypeError, ValueError) as err:
+        problems_peft.append(f"adapter_config.json is not a valid LoraConfig: {err}")
+    max_rank = max(ranks.values(), default=0)
+    if raw.get("use_dora"):
+        problems_vllm.append("DoRA (use_dora=true)")
+    if raw.get("lora_bias"):
+        problems_vllm.append("LoRA bias (lora_bias=true)")
+    if raw.get("bias", "none") != "none":
+        problems_vllm.append(f"bias={raw.get('bias')!r}")
+    extra = set(raw.get("modules_to_save") or []) - {"classifier", "score"}
+    if extra:
+        problems_vllm.append(f"modules_to_save {sorted(extra)}")
+    if max_rank > VLLM_MAX_LORA_RANKS[-1]:
+        problems_vllm.append(f"rank {max_rank} > {VLLM_MAX_LORA_RANKS[-1]}")
+    unmapped = sorted({name.rsplit(".", 1)[-1] for name in ranks} - VLLM_LLAMA_MODULES)
+    return {
+        "path": str(Path(adapter_dir).resolve()),
+        "elastic": any(name in raw for name in ELASTIC_FIELDS),
+        "modules": len(ranks),
+        "ranks": ranks,
+        "max_rank": max_rank,
+        "mean_rank": sum(ranks.values()) / max(1, len(ranks)),
+        "params": params,
+        "vllm_max_lora_rank": vllm_max_lora_rank(max_rank) if 0 < max_rank <= VLLM_MAX_LORA_RANKS[-1] else None,
+        "peft_loadable": not problems_peft,
+        "peft_problems": problems_peft,
+        "vllm_loadable": not problems_peft and not problems_vllm,
+        "vllm_problems": problems_vllm,
+        "module_types_vllm_may_not_map": unmapped,
+    }

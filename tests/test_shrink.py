@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+from conftest import VOCAB, randomize_lora, tiny_llama
+from peft import get_peft_model
+
+from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers
+from elasticlora.data import make_batches
+from elasticlora.evaluate import eval_loss
+from elasticlora.shrink import allocation_path, shrink, svd_reorder, within_tolerance
+
+SIGNAL = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def toy_task():
+    """An adapter that matters only in two modules, and eval data sampled from base + that signal.
+
+    The signal modules carry a strong rank-2 update in their first two components; every other module carries only
+    small noise, which the data does not reward. Shrink must keep the signal (rank >= 2) and drop most of the rest.
+    """
+    base = tiny_llama(layers=2)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(100)  # a peaked next-token distribution, so the signal shows in the loss
+    model = get_peft_model(base, ElasticLoraConfig(r=8))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, layer in elastic_layers(model).items():
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            a.copy_(torch.randn(a.shape, generator=gen) * 0.02)
+            b.copy_(torch.randn(b.shape, generator=gen) * 0.02)
+            if name in SIGNAL:
+                a[:2] = torch.randn(2, a.shape[1], generator=gen) * 1.5
+                b[:, :2] = torch.randn(b.shape[0], 2, generator=gen) * 1.5
+                a[2:] = 0
+        teacher_ranks = {name: (8 if name in SIGNAL else 0) for name in elastic_layers(model)}
+        with at_ranks(model.eval(), teacher_ranks):
+            torch.manual_seed(1)
+            tokens = torch.randint(0, VOCAB, (48, 1))
+            for _ in range(15):  # sample from the teacher
+                logits = model(tokens).logits[:, -1]
+                tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1)], dim=1)
+    examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in tokens]
+    return model, make_batches(examples, batch_size=16, pad_token_id=0)
+
+
+def test_shrink_keeps_the_modules_that_matter_and_drops_the_rest(toy_task):
+    model, batches = toy_task
+    result = shrink(model, batches, tolerance=0.01, progress=False)
+    assert all(result.ranks[name] >= 2 for name in SIGNAL)
+    others = [k for name, k in result.ranks.items() if name not in SIGNAL]
+    assert sum(k == 0 for k in others) >= 7, "most of the 12 noise-only modules are dropped"
+    assert result.params < result.full_params / 3
+    # measured, and within tolerance of the best measured
+    with at_ranks(model, result.ranks):
+        assert eval_loss(model, batches) == pytest.approx(result.quality, rel=1e-6)
+    assert result.quality <= result.best_quality * 1.01
+    assert result.base_quality > result.quality
+    assert result.passes <= 12
+
+
+def test_shrink_is_deterministic(toy_task):
+    model, batches = toy_task
+    first = shrink(model, batches, tolerance=0.02, progress=False)
+    second = shrink(model, batches, tolerance=0.02, progress=False)
+    assert first.ranks == second.ranks and first.quality == second.quality
+
+
+def test_parameter_budget_is_respected(toy_task):
+    model, batches = toy_task
+    budget = 1000
+    result = shrink(model, batches, max_params=budget, progress=False)
+    assert 0 < result.params <= budget
+    assert result.tolerance is None
+
+
+def test_higher_is_better_metric(toy_task):
+    model, batches = toy_task
+
+    def neg_loss(m):
+        return -eval_loss(m, batches)
+
+    result = shrink(model, batches, tolerance=0.01, quality=neg_loss, higher_is_better=True, progress=False)
+    assert result.metric == "neg_loss"
+    assert result.quality >= result.best_quality * 1.01  # negative numbers: within 1% below the best
+    assert all(result.ranks[name] >= 2 for name in SIGNAL)
+
+
+@pytest.mark.parametrize("tolerance", [0, -0.1, float("nan"), 1.5, float("inf")])
+def test_invalid_tolerance_raises(tolerance, toy_task):
+    model, batches = toy_task
+    with pytest.raises(ValueError, match="tolerance"):
+        shrink(model, batches, tolerance=tolerance, progress=False)
+
+
+def test_non_finite_loss_raises():
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=4))
+    with torch.no_grad():
+        elastic_layers(model)["model.layers.1.mlp.down_proj"].lora_B["default"].weight.fill_(float("nan"))
+    batches = make_batches([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}], 1, 0)
+    with pytest.raises(FloatingPointError):
+        shrink(model, batches, progress=False)
+
+
+@pytest.mark.parametrize(
+    "quality,best,tol,mode,higher,expected",
+    [
+        (2.02, 2.0, 0.01, "relative", False, True),
+        (2.03, 2.0, 0.01, "relative", False, False),
+        (2.4, 2.0, 0.5, "absolute", False, True),
+        (0.89, 0.9, 0.02, "relative", True, True),
+        (0.87, 0.9, 0.02, "relative", True, False),
+    ],
+)
+def test_within_tolerance(quality, best, tol, mode, higher, expected):
+    assert within_tolerance(quality, best, tol, mode, higher) is expected
+
+
+def test_allocation_path_is_monotone_and_orders_by_price():
+    costs = {"cheap": torch.tensor([1.0, 0.5, 0.2, 0.0]), "dear": torch.tensor([100.0, 10.0, 1.0, 0.0])}
+    path = allocation_path(costs, {"cheap": 10, "dear": 10})
+    assert path[0] == {"cheap": 3, "dear": 3} and path[-1] == {"cheap": 0, "dear": 0}
+    params = [sum(cfg.values()) for cfg in path]
+    assert params == sorted(params, reverse=True)
+    assert path[1]["cheap"] < 3 and path[1]["dear"] == 3  # the cheap module is cut first
+
+
+def test_svd_reorder_keeps_the_product_and_orders_components():
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6, rank_sampler="none"))
+    randomize_lora(model)
+    layer = elastic_layers(model)["model.layers.0.mlp.up_proj"]
+    before = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    svd_reorder(model)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert torch.allclose(b @ a, before, atol=1e-5)
+    norms = [float(b[:, i].norm() * a[i].norm()) for i in range(6)]
+    assert norms == sorted(norms, reverse=True)
+    # prefix 2 is the best rank-2 approximation (Eckart-Young)
+    s = torch.linalg.svdvals(before)
+    assert float((before - b[:, :2] @ a[:2]).norm()) == pytest.approx(math.sqrt(float((s[2:] ** 2).sum())), rel=1e-4)

@@ -1,0 +1,134 @@
+"""The one-call library function and the CLI over it, on a saved tiny model: happy path and bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import char_tokenizer, randomize_lora, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from elasticlora import ElasticLoraConfig
+from elasticlora.cli import main
+from elasticlora.data import eval_batches
+from elasticlora.train import train_steps
+from elasticlora.workflow import inspect_adapter, shrink_adapter
+
+ROWS = [{"prompt": "define cat:", "completion": " a small animal."}, {"text": "the quick brown fox jumps."}] * 4
+
+
+def save_adapter(path, config, train=True):
+    """A tiny adapter; trained on ROWS so that it beats the base model on them (else shrink rightly drops it all)."""
+    model = get_peft_model(tiny_llama(), config)
+    if train:
+        train_steps(model, eval_batches(char_tokenizer(), ROWS, batch_size=8), steps=20, lr=1e-2, progress=False)
+    else:
+        randomize_lora(model)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model_dir):
+    adapter = save_adapter(tmp_path / "adapter", ElasticLoraConfig(r=8))
+    data = tmp_path / "eval.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in ROWS) + "\n")
+    snapshot = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    yield adapter, data, tmp_path / "out", tiny_model_dir
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == snapshot, "the source adapter was modified"
+
+
+def test_shrink_adapter_writes_a_plain_adapter_and_report(setup):
+    adapter, data, out, base = setup
+    report = shrink_adapter(adapter, str(base), data, out, tolerance=0.01, progress=False)
+    assert report["base_quality"] > report["full_quality"] * 1.1, "the trained adapter must matter on this data"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "report.json",
+        "report.png",
+    ]
+    assert report["passes"] <= 12 and report["quality"] <= report["best_quality"] * 1.01
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["ranks"] == report["ranks"] and saved["vllm_max_lora_rank"] in (1, 8)
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    plain = PeftModel.from_pretrained(tiny_llama(), out)
+    assert type(plain.peft_config["default"]) is LoraConfig
+    info = inspect_adapter(out)
+    assert info["peft_loadable"] and info["vllm_loadable"] and not info["elastic"]
+    assert info["ranks"] == {name: k for name, k in report["ranks"].items() if k > 0}
+
+
+def test_plain_lora_is_svd_ordered_with_a_warning(setup, tmp_path):
+    _, data, out, base = setup
+    plain = save_adapter(tmp_path / "plain", LoraConfig(r=8, target_modules="all-linear"))
+    with pytest.warns(UserWarning, match="plain LoRA adapter"):
+        report = shrink_adapter(plain, str(base), data, out, tolerance=0.05, progress=False)
+    assert not report["source_is_elastic"]
+
+
+def test_cli_shrink_and_inspect(setup, capsys):
+    adapter, data, out, base = setup
+    args = ["shrink", str(adapter), "--base-model", str(base), "--data", str(data), "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert "--max-lora-rank" in capsys.readouterr().out
+    assert main(args) == 2, "an existing --out is refused"
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--avg-rank", "2"]) == 0
+    assert main(["inspect", str(out)]) == 0
+    assert "plain PEFT can load it: yes" in capsys.readouterr().out
+
+
+def corrupt(adapter):
+    (adapter / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+
+
+def wrong_shapes(adapter):
+    big = get_peft_model(tiny_llama(hidden=64), ElasticLoraConfig(r=8))
+    big.save_pretrained(adapter)
+
+
+BAD = [
+    ("missing adapter dir", lambda a, d: a / "nope", "adapter_config.json is missing"),
+    ("corrupt safetensors", corrupt, "not a readable safetensors"),
+    ("shape mismatch", wrong_shapes, "different base model"),
+]
+
+
+@pytest.mark.parametrize("case,damage,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_adapters_are_refused_and_nothing_is_written(case, damage, message, tmp_path, tiny_model_dir):
+    adapter = save_adapter(tmp_path / "adapter", ElasticLoraConfig(r=8), train=False)
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps(ROWS[0]) + "\n")
+    target = damage(adapter, data) if case == "missing adapter dir" else (damage(adapter) or adapter)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        shrink_adapter(target, str(tiny_model_dir), data, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [("", "no rows"), (json.dumps({"prompt": "abc", "completion": ""}), "no tokens to score"), ("{oops", "not valid JSON")],
+    ids=["empty", "nothing to score", "bad json"],
+)
+def test_bad_eval_data_is_refused(setup, content, message):
+    adapter, data, out, base = setup
+    data.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        shrink_adapter(adapter, str(base), data, out, progress=False)
+    assert not out.exists()
+
+
+def test_out_equal_to_source_is_refused(setup):
+    adapter, data, _, base = setup
+    with pytest.raises(ValueError, match="must not be"):
+        shrink_adapter(adapter, str(base), data, adapter, overwrite=True, progress=False)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, -1.0, float("nan"), 2.0])
+def test_bad_tolerance_is_refused(setup, tolerance):
+    adapter, data, out, base = setup
+    with pytest.raises(ValueError, match="tolerance"):
+        shrink_adapter(adapter, str(base), data, out, tolerance=tolerance, progress=False)
+    assert not out.exists()
+
+
