@@ -32,7 +32,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> 
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
         outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return outputs
 

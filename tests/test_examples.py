@@ -11,7 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_runs_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "demo"
     data = tmp_path / "rows.jsonl"  # the character tokenizer knows lowercase letters only
-    rows = [{"prompt": "define cat:", "completion": " a small animal."}, {"prompt": "define sun:", "completion": " a star."}]
+    rows = [
+        {"prompt": "define cat:", "completion": " a small animal."},
+        {"prompt": "define sun:", "completion": " a star."},
+    ]
     data.write_text("\n".join(json.dumps(row) for row in rows * 4) + "\n")
     args = ["--model", str(tiny_model_dir), "--data", str(data), "--eval-data", str(data), "--steps", "20"]
     args += ["--lr", "1e-2", "--max-rank", "4", "--batch-size", "8", "--no-bf16", "--out", str(out)]

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from conftest import char_tokenizer, randomize_lora, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -107,7 +106,11 @@ def test_bad_adapters_are_refused_and_nothing_is_written(case, damage, message, 
 
 @pytest.mark.parametrize(
     "content,message",
-    [("", "no rows"), (json.dumps({"prompt": "abc", "completion": ""}), "no tokens to score"), ("{oops", "not valid JSON")],
+    [
+        ("", "no rows"),
+        (json.dumps({"prompt": "abc", "completion": ""}), "no tokens to score"),
+        ("{oops", "not valid JSON"),
+    ],
     ids=["empty", "nothing to score", "bad json"],
 )
 def test_bad_eval_data_is_refused(setup, content, message):
@@ -130,5 +133,3 @@ def test_bad_tolerance_is_refused(setup, tolerance):
     with pytest.raises(ValueError, match="tolerance"):
         shrink_adapter(adapter, str(base), data, out, tolerance=tolerance, progress=False)
     assert not out.exists()
-
-
