@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .data import IGNORE_INDEX
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
@@ -46,7 +46,7 @@ def eval_loss(
     """
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device = model_device(model)
     total, count = 0.0, 0
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()

@@ -196,8 +196,7 @@ class ElasticVariant(LoraVariant):
         lora_b = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
-        x = module._cast_input_dtype(x, lora_a.weight.dtype)
-
+        # PEFT's layer has already cast x where it casts for vanilla LoRA (not under autocast for bitsandbytes)
         if state.rank is None and module.training and state.samples:
             h = lora_a(dropout(x))  # (B, ..., r)
             return result + lora_b(h * state.training_mask(h)) * scaling

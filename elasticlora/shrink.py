@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .evaluate import _device_of, batch_loss_sum, eval_loss
+from .evaluate import batch_loss_sum, eval_loss, model_device
 from .ranks import active_adapter_name, at_ranks, elastic_layers, max_ranks, module_shapes
 
 Quality = Callable[[nn.Module], float]
@@ -134,7 +134,7 @@ def sensitivity(
     params = [p for layer in layers.values() for p in layer.lora_A[adapter].parameters()]
     flags = [p.requires_grad for p in params]
     was_training = model.training
-    device = _device_of(model)
+    device = model_device(model)
     model.eval()
     try:
         with at_ranks(model, None, adapter):

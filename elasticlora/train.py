@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .evaluate import _device_of
+from .evaluate import model_device
 
 
 def train_steps(
@@ -40,7 +40,7 @@ def train_steps(
         optimizer,
         lambda step: min(1.0, (step + 1) / max(1, warmup_steps)) * max(0.0, 1.0 - step / steps),
     )
-    device = _device_of(model)
+    device = model_device(model)
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
