@@ -34,3 +34,17 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_overhead.py
+
+# Opt-in: vLLM's own LoRA loader, on CPU, over exported adapters. vLLM goes in with --no-deps (a plain install
+# pulls ~9 GB of CUDA packages and replaces torch) into .vllm-site/, with the pure-Python packages its imports need.
+VLLM_SITE := .vllm-site
+VLLM_PKGS := vllm==0.33.0 aiohappyeyeballs aiohttp aiosignal apache-tvm-ffi attrs cachetools cbor2 cloudpickle \
+	einops fastapi frozenlist llguidance msgspec multidict openai openai-harmony opentelemetry-api \
+	partial-json-parser prometheus-client propcache py-cpuinfo pybase64 pyzmq sniffio starlette uvloop xgrammar yarl
+
+$(VLLM_SITE)/.stamp: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(VLLM_SITE) $(VLLM_PKGS)
+	touch $@
+
+test-vllm: $(VLLM_SITE)/.stamp
+	PYTHONPATH=$(VLLM_SITE) VLLM_TARGET_DEVICE=cpu $(PY) -m pytest -q -m vllm

@@ -32,6 +32,7 @@ ELASTIC_ARMS = {
     "elastic log2 p.25 pow0": dict(full_rank_prob=0.25, truncation_scale_power=0.0),
     "elastic log2 p.25 pow.25": dict(full_rank_prob=0.25, truncation_scale_power=0.25),
     "elastic log2 p.25 pow.5": dict(full_rank_prob=0.25, truncation_scale_power=0.5),
+    "elastic log2 p.5 pow0": dict(full_rank_prob=0.5, truncation_scale_power=0.0),
 }
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-rows", type=int, default=160)
-    parser.add_argument("--lora-ranks", type=int, nargs="*", default=[2, 8, 32])
+    parser.add_argument("--lora-ranks", type=int, nargs="*", default=[1, 2, 8, 32])
     parser.add_argument("--arms", nargs="*", default=list(ELASTIC_ARMS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/sampling_study.json"))
