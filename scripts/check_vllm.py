@@ -39,9 +39,7 @@ def check_with_vllm(adapter_dir: str | Path, expected_modules: set[str] = LLAMA_
     helper = PEFTHelper.from_local_dir(adapter_dir, max_position_embeddings=None)
     bucket = vllm_max_lora_rank(max([config["r"], *config.get("rank_pattern", {}).values()]))
     helper.validate_legal(LoRAConfig(max_lora_rank=bucket))
-    model = LoRAModel.from_local_checkpoint(
-        adapter_dir, expected_modules, helper, device="cpu", dtype=torch.float32
-    )
+    model = LoRAModel.from_local_checkpoint(adapter_dir, expected_modules, helper, device="cpu", dtype=torch.float32)
     tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     checked = {}
     for name, weights in model.loras.items():

@@ -1,0 +1,159 @@
+"""Training overhead of ElasticLoRA against PEFT LoRA at the same maximum rank: step time and memory.
+
+Both arms hold the same base model, rank, targets and batch; their steps alternate, so load on the machine hits
+both alike. A step is forward + backward + AdamW + zero_grad. Memory is measured as the bytes autograd saves for
+backward (unique storages, through `saved_tensors_hooks`): the part of peak memory an adapter changes, since
+weights and optimizer state are identical. On CUDA the peak allocated memory of a step is reported too.
+
+    python scripts/bench_overhead.py                      # tiny model and SmolLM2-135M, CPU
+    python scripts/bench_overhead.py --models smollm2 --device cuda --batch-size 16 --seq-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from elasticlora import ElasticLoraConfig
+from elasticlora.loading import load_model_and_tokenizer
+
+
+def tiny_model() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
+    return LlamaForCausalLM(config)
+
+
+def saved_bytes(model, batch, autocast) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one training forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def run(name: str, base: torch.nn.Module, args, device: torch.device) -> dict:
+    arms = {}
+    for arm, config in (
+        ("peft_lora", LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules="all-linear")),
+        ("elastic", ElasticLoraConfig(r=args.rank)),
+    ):
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(base), config).to(device).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        arms[arm] = (model, optimizer)
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
+    dtype = torch.bfloat16 if args.bf16 else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    def step(model, optimizer) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast():
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    times = {arm: [] for arm in arms}
+    peak = {}
+    for i in range(args.warmup + args.steps):
+        order = list(arms) if i % 2 == 0 else list(reversed(arms))
+        for arm in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            elapsed = step(*arms[arm])
+            if i >= args.warmup:
+                times[arm].append(elapsed)
+                if device.type == "cuda":
+                    peak[arm] = max(peak.get(arm, 0), torch.cuda.max_memory_allocated())
+    result = {"model": name, "rank": args.rank, "batch": [args.batch_size, args.seq_len], "bf16": args.bf16}
+    for arm, (model, _) in arms.items():
+        result[arm] = {
+            "step_s_median": statistics.median(times[arm]),
+            "saved_activation_bytes": saved_bytes(model, batch, autocast),
+        }
+        if arm in peak:
+            result[arm]["cuda_peak_bytes"] = peak[arm]
+    result["step_time_ratio"] = result["elastic"]["step_s_median"] / result["peft_lora"]["step_s_median"]
+    result["saved_activation_ratio"] = (
+        result["elastic"]["saved_activation_bytes"] / result["peft_lora"]["saved_activation_bytes"]
+    )
+    if peak:
+        result["cuda_peak_ratio"] = result["elastic"]["cuda_peak_bytes"] / result["peft_lora"]["cuda_peak_bytes"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = []
+    for name in args.models:
+        base = tiny_model() if name == "tiny" else load_model_and_tokenizer(name)[0]
+        results.append(run(name, base, args, device))
+        print(json.dumps(results[-1], indent=2), flush=True)
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU x{torch.get_num_threads()}"
+    )
+    report = {"date": str(date.today()), "machine": machine, "torch": torch.__version__, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print("\n| model | rank | batch | step time elastic / LoRA | saved activations elastic / LoRA |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['model']} | {r['rank']} | {r['batch'][0]}x{r['batch'][1]} | {r['step_time_ratio']:.3f} "
+            f"({r['elastic']['step_s_median']:.3f} s / {r['peft_lora']['step_s_median']:.3f} s) | "
+            f"{r['saved_activation_ratio']:.4f} |"
+        )
+    print(f"\n{report['machine']}, {report['date']}, torch {report['torch']}")
+
+
+if __name__ == "__main__":
+    main()
