@@ -1,0 +1,90 @@
+"""Watch the rank-quality curve form while training: eval loss at a few truncated ranks at every evaluation.
+
+    trainer = Trainer(model=elastic_model, args=..., eval_dataset=...)      # or trl.SFTTrainer
+    add_rank_curve(trainer, ranks=(1, 4, 16, None))                         # logs eval_loss@r1, ... eval_loss@full
+
+For a custom loop, `rank_curve(model, batches)` returns the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from transformers import TrainerCallback
+
+from .evaluate import batch_loss_sum, model_device
+from .ranks import at_ranks
+
+DEFAULT_RANKS = (1, 4, 16, None)
+
+
+def _metric_name(rank: int | None, prefix: str = "eval_loss") -> str:
+    return f"{prefix}@{'full' if rank is None else f'r{rank}'}"
+
+
+@torch.no_grad()
+def rank_curve(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    ranks: Sequence[int | None] = DEFAULT_RANKS,
+    prefix: str = "eval_loss",
+) -> dict[str, float]:
+    """Token-level eval loss at each rank (None: full rank), e.g. `{"eval_loss@r1": 2.9, ..., "eval_loss@full": 2.5}`.
+
+    Batches need `input_ids` and `labels` (-100 = not scored); `attention_mask` is used when present.
+    """
+    batches = list(batches)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    curve = {}
+    try:
+        for rank in ranks:
+            total, count = 0.0, 0
+            with at_ranks(model, rank):
+                for batch in batches:
+                    batch = dict(batch)
+                    batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+                    loss, n = batch_loss_sum(model, batch, device)
+                    total, count = total + loss.item(), count + n
+            curve[_metric_name(rank, prefix)] = total / max(count, 1)
+    finally:
+        model.train(was_training)
+    return curve
+
+
+class RankCurveCallback(TrainerCallback):
+    """At each evaluation, logs eval loss at `ranks` through the trainer's loggers (TensorBoard, W&B, ...).
+
+    Give it the trainer (`add_rank_curve` does) so the numbers reach every logger; without one they go to
+    `state.log_history` only. `max_batches` bounds the extra cost: len(ranks) passes over that many eval batches.
+    """
+
+    def __init__(self, ranks: Sequence[int | None] = DEFAULT_RANKS, trainer=None, max_batches: int | None = None):
+        self.ranks = tuple(ranks)
+        self.trainer = trainer
+        self.max_batches = max_batches
+
+    def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, **kwargs):
+        if model is None or eval_dataloader is None:
+            return control
+        batches = []
+        for i, batch in enumerate(eval_dataloader):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            batches.append(batch)
+        curve = rank_curve(model, batches, self.ranks)
+        if self.trainer is not None:
+            self.trainer.log(curve)
+        else:
+            state.log_history.append({**curve, "step": state.global_step})
+        return control
+
+
+def add_rank_curve(trainer, ranks: Sequence[int | None] = DEFAULT_RANKS, max_batches: int | None = None):
+    """Attach a `RankCurveCallback` to a transformers `Trainer` or TRL `SFTTrainer`; returns the callback."""
+    callback = RankCurveCallback(ranks, trainer=trainer, max_batches=max_batches)
+    trainer.add_callback(callback)
+    return callback

@@ -1,0 +1,112 @@
+"""transformers Trainer and TRL SFTTrainer run elastic models unchanged, with the rank-curve callback."""
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_llama
+from peft import get_peft_model
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+from elasticlora import ElasticLinear, ElasticLoraConfig, elastic_layers
+from elasticlora.callbacks import add_rank_curve
+from elasticlora.data import tokenize_rows
+
+ROWS = [
+    {"prompt": f"define {w}:", "completion": f" a word of {len(w)} letters."} for w in ("cat", "sun", "tree", "moon")
+]
+
+
+def dataset():
+    return tokenize_rows(char_tokenizer(), ROWS * 4)
+
+
+def trainer_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        learning_rate=1e-2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**defaults, **kwargs})
+
+
+def make_trainer(tmp_path, **kwargs):
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8))
+    trainer = Trainer(
+        model=model,
+        args=trainer_args(tmp_path, **kwargs),
+        train_dataset=dataset(),
+        eval_dataset=dataset()[:8],
+        data_collator=DataCollatorForSeq2Seq(char_tokenizer(), padding=True),
+    )
+    add_rank_curve(trainer, ranks=(1, 4, None))
+    return trainer
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_trainer_trains_saves_resumes_and_logs_the_rank_curve(tmp_path, checkpointing):
+    trainer = make_trainer(tmp_path, gradient_checkpointing=checkpointing)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "eval_loss@r1" in entry]
+    assert len(logged) == 2 and {"eval_loss@r4", "eval_loss@full"} <= logged[-1].keys()
+    assert logged[-1]["eval_loss@full"] < logged[-1]["eval_loss@r1"] + 1.0
+    final = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
+
+    resumed = make_trainer(tmp_path, gradient_checkpointing=checkpointing, max_steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    layers = elastic_layers(resumed.model)
+    assert all(isinstance(layer, ElasticLinear) for layer in layers.values())
+    assert resumed.state.global_step == 6
+    assert all(layer.elastic_state["default"].drawn_ranks() is not None for layer in layers.values())
+    changed = [k for k, v in resumed.model.state_dict().items() if "lora_" in k and not torch.equal(v, final[k])]
+    assert changed, "training continued from the checkpoint"
+
+
+def test_sft_trainer_with_an_elastic_peft_config(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    chats = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in ROWS * 4
+    ]
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
+        "{% endgeneration %}{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+    )
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        assistant_only_loss=True,
+        eval_strategy="steps",
+        eval_steps=2,
+        disable_tqdm=True,
+    )  # SFTConfig's own defaults: bf16 and gradient checkpointing
+    trainer = trl.SFTTrainer(
+        model=tiny_llama(),
+        args=config,
+        train_dataset=Dataset.from_list(chats),
+        eval_dataset=Dataset.from_list(chats[:4]),
+        processing_class=tokenizer,
+        peft_config=ElasticLoraConfig(r=8),
+    )
+    add_rank_curve(trainer, ranks=(2, None))
+    trainer.train()
+    assert all(isinstance(layer, ElasticLinear) for layer in elastic_layers(trainer.model).values())
+    assert any("eval_loss@r2" in entry for entry in trainer.state.log_history)
+    trainer.save_model(str(tmp_path / "sft" / "final"))
+    assert (tmp_path / "sft" / "final" / "adapter_model.safetensors").is_file()
