@@ -1,0 +1,144 @@
+"""Multi-process elastic training: Trainer (DDP), accelerate (DDP) or FSDP2, launched with torchrun.
+
+    torchrun --nproc_per_node 2 examples/distributed.py --mode trainer      # CPU (gloo) or GPUs (nccl)
+    torchrun --nproc_per_node 2 examples/distributed.py --mode accelerate
+    torchrun --nproc_per_node 2 examples/distributed.py --mode fsdp2
+
+Note: on CPU, `accelerate launch --cpu --num_processes 2` silently runs one process, and accelerate's FSDP plugin
+silently becomes DDP; torchrun gives real processes. Process 0 writes --report with what every process saw: the
+world size, the wrapper it trained under, a hash of its final adapter weights and its last rank draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import get_peft_model
+from transformers import DataCollatorForSeq2Seq, set_seed
+
+from elasticlora import ElasticLoraConfig, elastic_layers
+from elasticlora.data import load_rows, tokenize_rows
+from elasticlora.loading import load_model_and_tokenizer
+
+DATA = Path(__file__).resolve().parents[1] / "elasticlora" / "data" / "wordnet_train.jsonl"
+
+
+def tiny_model_and_tokenizer():
+    """A random tiny Llama and a character tokenizer, for tests: no downloads, seconds per step."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import char_tokenizer, tiny_llama
+
+    return tiny_llama(), char_tokenizer()
+
+
+def adapter_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if "lora_" in name:
+            tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def last_draws(model) -> list[int]:
+    """The truncation ranks the first elastic layer drew in the last training step."""
+    layer = next(iter(elastic_layers(model).values()))
+    return layer.elastic_state["default"].drawn_ranks().tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("trainer", "accelerate", "fsdp2"), default="trainer")
+    parser.add_argument("--model", default="smollm2", help="'tiny' for a random test model")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=320)
+    parser.add_argument("--max-rank", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("outputs/distributed"))
+    parser.add_argument("--report", type=Path, default=None)
+    args = parser.parse_args()
+    set_seed(0)  # the same seed on every process, as Trainer does; rank draws still differ per process
+
+    model, tokenizer = tiny_model_and_tokenizer() if args.model == "tiny" else load_model_and_tokenizer(args.model)
+    rows = load_rows(DATA)[: args.rows]
+    if args.model == "tiny":
+        rows = [{"prompt": r["prompt"].lower(), "completion": r["completion"].lower()} for r in rows]
+    examples = tokenize_rows(tokenizer, rows, max_length=64)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    model = get_peft_model(model, ElasticLoraConfig(r=args.max_rank))
+
+    if args.mode == "trainer":
+        from transformers import Trainer, TrainingArguments
+
+        training_args = TrainingArguments(
+            output_dir=str(args.out), per_device_train_batch_size=8, max_steps=args.steps, learning_rate=5e-4,
+            report_to=[], use_cpu=not torch.cuda.is_available(), save_strategy="no", disable_tqdm=True,
+            ddp_backend="gloo" if not torch.cuda.is_available() else None,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collator)
+        trainer.train()
+        wrapper = type(trainer.model_wrapped).__name__
+    else:
+        if args.mode == "accelerate":
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+            device = accelerator.device
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
+            model.to(device)
+            for layer in model.get_base_model().model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+        sampler = torch.utils.data.DistributedSampler(examples, shuffle=True, seed=0)
+        loader = torch.utils.data.DataLoader(examples, batch_size=8, sampler=sampler, collate_fn=collator)
+        if args.mode == "accelerate":
+            model, optimizer = accelerator.prepare(model, optimizer)
+        wrapper = type(model).__name__
+        if args.mode == "fsdp2":
+            wrapper = type(model.get_base_model().model.layers[0]).__name__
+        model.train()
+        step = 0
+        while step < args.steps:
+            for batch in loader:
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step == args.steps:
+                    break
+        model = model.module if hasattr(model, "module") else model
+
+    report = {
+        "rank": dist.get_rank(),
+        "world_size": dist.get_world_size(),
+        "wrapper": wrapper,
+        "adapter_hash": adapter_hash(model),
+        "last_draws": last_draws(model),
+    }
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, report)
+    if dist.get_rank() == 0:
+        print(json.dumps(everyone, indent=2))
+        if args.report:
+            args.report.write_text(json.dumps(everyone, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
