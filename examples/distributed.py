@@ -1,5 +1,6 @@
-"""Multi-process elastic training: Trainer (DDP), accelerate (DDP) or FSDP2, launched with torchrun.
+"""Elastic training with Trainer, accelerate or FSDP2: one process, or many through torchrun.
 
+    python examples/distributed.py --mode trainer                            # one process: a plain Trainer run
     torchrun --nproc_per_node 2 examples/distributed.py --mode trainer      # CPU (gloo) or GPUs (nccl)
     torchrun --nproc_per_node 2 examples/distributed.py --mode accelerate
     torchrun --nproc_per_node 2 examples/distributed.py --mode fsdp2
@@ -29,16 +30,6 @@ from elasticlora.loading import load_model_and_tokenizer
 DATA = Path(__file__).resolve().parents[1] / "elasticlora" / "data" / "wordnet_train.jsonl"
 
 
-def tiny_model_and_tokenizer():
-    """A random tiny Llama and a character tokenizer, for tests: no downloads, seconds per step."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import char_tokenizer, tiny_llama
-
-    return tiny_llama(), char_tokenizer()
-
-
 def adapter_hash(model) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
@@ -58,7 +49,7 @@ def last_draws(model) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("trainer", "accelerate", "fsdp2"), default="trainer")
-    parser.add_argument("--model", default="smollm2", help="'tiny' for a random test model")
+    parser.add_argument("--model", default="smollm2", help="path or hub id; 'tiny': a random test model")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=320)
     parser.add_argument("--max-rank", type=int, default=16)
@@ -67,10 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     set_seed(0)  # the same seed on every process, as Trainer does; rank draws still differ per process
 
-    model, tokenizer = tiny_model_and_tokenizer() if args.model == "tiny" else load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model)
     rows = load_rows(DATA)[: args.rows]
-    if args.model == "tiny":
-        rows = [{"prompt": r["prompt"].lower(), "completion": r["completion"].lower()} for r in rows]
     examples = tokenize_rows(tokenizer, rows, max_length=64)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
     model = get_peft_model(model, ElasticLoraConfig(r=args.max_rank))
@@ -81,7 +70,7 @@ def main() -> None:
         training_args = TrainingArguments(
             output_dir=str(args.out), per_device_train_batch_size=8, max_steps=args.steps, learning_rate=5e-4,
             report_to=[], use_cpu=not torch.cuda.is_available(), save_strategy="no", disable_tqdm=True,
-            ddp_backend="gloo" if not torch.cuda.is_available() else None,
+            ddp_backend="gloo" if "WORLD_SIZE" in os.environ and not torch.cuda.is_available() else None,
         )  # fmt: skip
         trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collator)
         trainer.train()
@@ -95,6 +84,8 @@ def main() -> None:
         else:
             from torch.distributed.fsdp import fully_shard
 
+            if "LOCAL_RANK" not in os.environ:
+                parser.error("--mode fsdp2 needs a launcher: torchrun --nproc_per_node N examples/distributed.py ...")
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
@@ -123,21 +114,25 @@ def main() -> None:
                     break
         model = model.module if hasattr(model, "module") else model
 
+    distributed = dist.is_available() and dist.is_initialized()
     report = {
-        "rank": dist.get_rank(),
-        "world_size": dist.get_world_size(),
+        "rank": dist.get_rank() if distributed else 0,
+        "world_size": dist.get_world_size() if distributed else 1,
         "wrapper": wrapper,
         "adapter_hash": adapter_hash(model),
         "last_draws": last_draws(model),
     }
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, report)
-    if dist.get_rank() == 0:
+    everyone = [report]
+    if distributed:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, report)
+    if report["rank"] == 0:
         print(json.dumps(everyone, indent=2))
         if args.report:
             args.report.write_text(json.dumps(everyone, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
