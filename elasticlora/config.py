@@ -99,12 +99,13 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
     truncation_scale_power: float = field(
-        default=0.0,
+        default=0.5,
         metadata={
             "help": (
-                "Extra scale (r / k) ** power for the prefix of rank k, in [0, 1]: 0 keeps one scale for every prefix "
-                "(nested components add up), 0.5 gives each prefix rsLoRA's lora_alpha / sqrt(k) when use_rslora, "
-                "1 gives DyLoRA's lora_alpha / k when not."
+                "Extra scale (r / k) ** power for the prefix of rank k, in [0, 1]. The default 0.5 gives each prefix "
+                "rsLoRA's lora_alpha / sqrt(k) (with use_rslora), which measured best at every rank "
+                "(scripts/sampling_study.py); 0 keeps one scale for every prefix; 1 is DyLoRA's lora_alpha / k "
+                "(with use_rslora=False)."
             )
         },
     )

@@ -33,6 +33,10 @@ ELASTIC_ARMS = {
     "elastic log2 p.25 pow.25": dict(full_rank_prob=0.25, truncation_scale_power=0.25),
     "elastic log2 p.25 pow.5": dict(full_rank_prob=0.25, truncation_scale_power=0.5),
     "elastic log2 p.5 pow0": dict(full_rank_prob=0.5, truncation_scale_power=0.0),
+    "elastic log2 p.5 pow.5": dict(full_rank_prob=0.5, truncation_scale_power=0.5),
+    "elastic log2 p.25 pow.75": dict(full_rank_prob=0.25, truncation_scale_power=0.75),
+    "elastic log2 p.25 pow1": dict(full_rank_prob=0.25, truncation_scale_power=1.0),
+    "elastic log2 p0 pow.5": dict(full_rank_prob=0.0, truncation_scale_power=0.5),
 }
 
 
