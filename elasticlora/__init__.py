@@ -2,7 +2,7 @@
 
 from .config import ElasticLoraConfig
 from .layer import ElasticLayerMixin, ElasticLinear, ElasticVariant
-from .model import is_elastic_adapter, load_elastic
+from .model import adaptable_modules, get_elastic_model, is_elastic_adapter, load_elastic
 from .ranks import (
     adapter_param_count,
     at_ranks,
@@ -20,9 +20,11 @@ __all__ = [
     "ElasticLinear",
     "ElasticLoraConfig",
     "ElasticVariant",
+    "adaptable_modules",
     "adapter_param_count",
     "at_ranks",
     "elastic_layers",
+    "get_elastic_model",
     "is_elastic_adapter",
     "load_elastic",
     "max_ranks",

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch.nn as nn
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
 from .config import ELASTIC_FIELDS, ElasticLoraConfig
 
@@ -58,3 +58,45 @@ def load_elastic(
     return PeftModel.from_pretrained(
         model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable, config=config
     )
+
+
+def adaptable_modules(model: nn.Module) -> list[str]:
+    """Full names of the layers an elastic adapter can wrap: linear and `Conv1D` layers except the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head and name
+    ]
+
+
+def check_targets(model: nn.Module, config: ElasticLoraConfig) -> list[str]:
+    """The module names `config` adapts in `model`; a `ValueError` listing the candidates when there are none."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    candidates = adaptable_modules(model)
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+    if not candidates:
+        leaves = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+        raise ValueError(
+            f"{type(model).__name__} has no linear or Conv1D layers to adapt (its layer types: {leaves}); "
+            "ElasticLoRA adapts linear layers"
+        )
+    if config.target_modules == "all-linear":
+        return candidates
+    matched = [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
+    if not matched:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} match no module of {type(model).__name__}; adaptable module "
+            f"names end in {kinds} (e.g. {candidates[0]!r}); or use target_modules='all-linear'"
+        )
+    return matched
+
+
+def get_elastic_model(model: nn.Module, config: ElasticLoraConfig | None = None, **kwargs) -> PeftModel:
+    """`get_peft_model(model, config or ElasticLoraConfig())`, after checking that the targets exist in `model`."""
+    config = ElasticLoraConfig() if config is None else config
+    check_targets(model, config)
+    return get_peft_model(model, config, **kwargs)

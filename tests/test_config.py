@@ -1,8 +1,9 @@
 import pytest
+import torch
 from conftest import MODELS
 from peft import LoraConfig, get_peft_model
 
-from elasticlora import ElasticLinear, ElasticLoraConfig, elastic_layers
+from elasticlora import ElasticLinear, ElasticLoraConfig, elastic_layers, get_elastic_model
 
 
 @pytest.mark.parametrize("model_id", sorted(MODELS))
@@ -66,3 +67,25 @@ SUPPORTS = [
 @pytest.mark.parametrize("kwargs,expected", SUPPORTS)
 def test_rank_support(kwargs, expected):
     assert ElasticLoraConfig(**kwargs).rank_support() == expected
+
+
+class NoLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.norm = torch.nn.LayerNorm(4)
+
+
+def test_get_elastic_model_matches_get_peft_model():
+    model = get_elastic_model(MODELS["llama"]())
+    assert len(elastic_layers(model)) == 14 and isinstance(model.peft_config["default"], ElasticLoraConfig)
+
+
+def test_a_model_without_linear_layers_is_refused_with_its_layer_types():
+    with pytest.raises(ValueError, match=r"no linear or Conv1D layers to adapt.*Embedding"):
+        get_elastic_model(NoLinear())
+
+
+def test_targets_that_match_nothing_are_refused_with_the_candidates():
+    with pytest.raises(ValueError, match=r"match no module.*'q_proj'.*model\.layers\.0\.self_attn\.q_proj"):
+        get_elastic_model(MODELS["llama"](), ElasticLoraConfig(target_modules=["qq_proj"]))
