@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from transformers import TrainerCallback
 
-from .evaluate import batch_loss_sum, model_device
+from .evaluate import eval_loss
 from .ranks import at_ranks
 
 DEFAULT_RANKS = (1, 4, 16, None)
@@ -24,7 +24,6 @@ def _metric_name(rank: int | None, prefix: str = "eval_loss") -> str:
     return f"{prefix}@{'full' if rank is None else f'r{rank}'}"
 
 
-@torch.no_grad()
 def rank_curve(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -35,23 +34,11 @@ def rank_curve(
 
     Batches need `input_ids` and `labels` (-100 = not scored); `attention_mask` is used when present.
     """
-    batches = list(batches)
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
+    batches = [{"attention_mask": torch.ones_like(b["input_ids"]), **b} for b in batches]
     curve = {}
-    try:
-        for rank in ranks:
-            total, count = 0.0, 0
-            with at_ranks(model, rank):
-                for batch in batches:
-                    batch = dict(batch)
-                    batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
-                    loss, n = batch_loss_sum(model, batch, device)
-                    total, count = total + loss.item(), count + n
-            curve[_metric_name(rank, prefix)] = total / max(count, 1)
-    finally:
-        model.train(was_training)
+    for rank in ranks:
+        with at_ranks(model, rank):
+            curve[_metric_name(rank, prefix)] = eval_loss(model, batches)
     return curve
 
 

@@ -94,7 +94,13 @@ def main() -> None:
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.005, 0.01, 0.02])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds for the elastic arm's spread")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    parser.add_argument("--redo-plain", action="store_true",
+                        help="retrain only the plain r_max LoRA at the lr recorded in OUT/benchmark.json and redo its "
+                        "truncation and shrink arms")  # fmt: skip
     args = parser.parse_args()
+    if args.redo_plain:
+        redo_plain(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
     r_max = args.max_rank
@@ -118,14 +124,8 @@ def main() -> None:
     report["grid"] = grid
     report["grid_train_seconds"] = grid_seconds
 
-    # 2. plain LoRA at r_max: naive prefix and SVD truncation (loaded with elastic layers to run at any rank)
-    with tempfile.TemporaryDirectory() as tmp:
-        plain_rmax.save_pretrained(tmp)
-        prefix = load_elastic(copy.deepcopy(bench.base), tmp)
-        svd = load_elastic(copy.deepcopy(bench.base), tmp)
-    svd_reorder(svd)
-    report["plain_prefix"] = {k: bench.test_loss(prefix, k) for k in bench.ranks}
-    report["plain_svd"] = {k: bench.test_loss(svd, k) for k in bench.ranks}
+    # 2. plain LoRA at r_max: naive prefix and SVD truncation, and (5, plain side) its SVD-ordered shrink
+    plain_arms(bench, plain_rmax, report)
 
     # 3. DyLoRA-style and 4. ElasticLoRA (library defaults), each with its best lr, run at every uniform k
     dylora_config = dict(
@@ -145,27 +145,54 @@ def main() -> None:
         spread[seed] = {k: bench.test_loss(model, k) for k in bench.ranks}
     report["elastic"]["other_seeds"] = spread
 
-    # 5. shrink at each tolerance: elastic vs plain LoRA with SVD ordering
-    report["shrink"] = {"elastic": {}, "plain_svd": {}}
-    for name, model in (("elastic", elastic), ("plain_svd", svd)):
-        for tol in args.tolerances:
-            start = time.time()
-            result = shrink(model, bench.dev, tolerance=tol, autocast_dtype=BF16)
-            entry = {
-                "params": result.params,
-                "dev_loss": result.quality,
-                "test_loss": bench.test_loss(model, result.ranks),
-                "passes": result.passes,
-                "seconds": time.time() - start,
-                "max_rank": max(result.ranks.values()),
-                "modules_kept": sum(k > 0 for k in result.ranks.values()),
-            }
-            report["shrink"][name][tol] = entry
-            print(f"shrink {name} tol={tol}: {entry}", flush=True)
-    for name, model in (("elastic", elastic), ("plain_svd", svd)):
-        report[f"{name}_uniform_params"] = {k: adapter_param_count(model, k) for k in bench.ranks}
+    # 5. shrink at each tolerance (elastic side)
+    report["shrink"]["elastic"] = {tol: shrink_entry(bench, elastic, tol) for tol in args.tolerances}
+    report["elastic_uniform_params"] = {k: adapter_param_count(elastic, k) for k in bench.ranks}
     report["wall_seconds"] = time.time() - started
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    write_outputs(report, args.out)
+
+
+def plain_arms(bench: Bench, plain_rmax, report: dict) -> None:
+    """Arms 2 and 5 (plain side): prefix / SVD truncation of the plain r_max LoRA and its SVD-ordered shrink."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_rmax.save_pretrained(tmp)
+        prefix = load_elastic(copy.deepcopy(bench.base), tmp)
+        svd = load_elastic(copy.deepcopy(bench.base), tmp)
+    svd_reorder(svd)
+    report["plain_prefix"] = {k: bench.test_loss(prefix, k) for k in bench.ranks}
+    report["plain_svd"] = {k: bench.test_loss(svd, k) for k in bench.ranks}
+    report.setdefault("shrink", {})["plain_svd"] = {}
+    for tol in bench.args.tolerances:
+        report["shrink"]["plain_svd"][tol] = shrink_entry(bench, svd, tol)
+    report["plain_svd_uniform_params"] = {k: adapter_param_count(svd, k) for k in bench.ranks}
+
+
+def shrink_entry(bench: Bench, model, tol: float) -> dict:
+    start = time.time()
+    result = shrink(model, bench.dev, tolerance=tol, autocast_dtype=BF16)
+    entry = {
+        "params": result.params,
+        "dev_loss": result.quality,
+        "test_loss": bench.test_loss(model, result.ranks),
+        "passes": result.passes,
+        "seconds": time.time() - start,
+        "max_rank": max(result.ranks.values()),
+        "modules_kept": sum(k > 0 for k in result.ranks.values()),
+    }
+    print(f"shrink tol={tol}: {entry}", flush=True)
+    return entry
+
+
+def redo_plain(args) -> None:
+    path = args.out / "benchmark.json"
+    report = json.loads(path.read_text())
+    bench = Bench(args)
+    lr = report["grid"][str(args.max_rank)]["lr"]
+    plain_rmax, _ = bench.trained(lora_config(args.max_rank), lr, 0, f"lora r={args.max_rank} lr={lr:g}")
+    plain_arms(bench, plain_rmax, report)
+    report["plain_redone"] = str(date.today())
+    path.write_text(json.dumps(report, indent=2))
     write_outputs(report, args.out)
 
 
@@ -235,6 +262,9 @@ def write_outputs(report: dict, out: Path) -> None:
         f"{aurac(keyed(report['plain_prefix'])):.3f} | {aurac(keyed(report['dylora']['test_loss'])):.3f} | "
         f"{aurac(keyed(report['elastic']['test_loss'])):.3f} |"
     )
+    for seed, curve in report["elastic"].get("other_seeds", {}).items():
+        values = ", ".join(f"k={k}: {v:.3f}" for k, v in sorted(keyed(curve).items()))
+        lines += ["", f"ElasticLoRA with seed {seed} (same lr), for the seed-to-seed spread: {values}."]
     lines += [
         "",
         "| shrink tolerance | ElasticLoRA + shrink: params / test loss | plain LoRA + SVD shrink |",

@@ -196,3 +196,18 @@ def test_conv1d_gpt2_trains(input_ids):
     model(input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     assert not torch.equal(before, layer.lora_B["default"].weight)
+
+
+def test_a_plain_lora_loaded_elastically_truncates_without_rescaling(tmp_path, input_ids):
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear"))
+    randomize_lora(plain)
+    plain.save_pretrained(tmp_path)
+    elastic = load_elastic(tiny_llama(), tmp_path)
+    assert elastic.peft_config["default"].truncation_scale_power == 0.0
+    sliced = get_peft_model(tiny_llama(), LoraConfig(r=3, lora_alpha=16 * 3**0.5 / 8**0.5, use_rslora=True,
+                                                     target_modules="all-linear"))  # fmt: skip
+    sliced.load_state_dict(
+        {n: (p[:3] if "lora_A" in n else p[:, :3]) if "lora_" in n else p for n, p in plain.state_dict().items()}
+    )
+    with torch.no_grad(), at_ranks(elastic.eval(), 3):
+        assert torch.allclose(elastic(input_ids).logits, sliced.eval()(input_ids).logits, atol=1e-6)

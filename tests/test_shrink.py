@@ -23,7 +23,9 @@ def toy_task():
     base = tiny_llama(layers=2)
     with torch.no_grad():
         base.lm_head.weight.mul_(100)  # a peaked next-token distribution, so the signal shows in the loss
-    model = get_peft_model(base, ElasticLoraConfig(r=8))
+    model = get_peft_model(
+        base, ElasticLoraConfig(r=8, truncation_scale_power=0.0)
+    )  # one scale: a plain decomposition
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, layer in elastic_layers(model).items():

@@ -39,7 +39,7 @@ def setup(tmp_path, tiny_model_dir):
 def test_shrink_adapter_writes_a_plain_adapter_and_report(setup):
     adapter, data, out, base = setup
     report = shrink_adapter(adapter, str(base), data, out, tolerance=0.01, progress=False)
-    assert report["base_quality"] > report["full_quality"] * 1.1, "the trained adapter must matter on this data"
+    assert report["base_quality"] > report["full_quality"] * 1.05, "the trained adapter must matter on this data"
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
