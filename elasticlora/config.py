@@ -99,13 +99,13 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
     truncation_scale_power: float = field(
-        default=0.5,
+        default=1.0,
         metadata={
             "help": (
-                "Extra scale (r / k) ** power for the prefix of rank k, in [0, 1]. The default 0.5 gives each prefix "
-                "rsLoRA's lora_alpha / sqrt(k) (with use_rslora), which measured best at every rank "
-                "(scripts/sampling_study.py); 0 keeps one scale for every prefix; 1 is DyLoRA's lora_alpha / k "
-                "(with use_rslora=False)."
+                "Extra scale (r / k) ** power for the prefix of rank k, in [0, 1]. The default 1 makes every prefix "
+                "the mean of its components, times r * scaling (DyLoRA's lora_alpha / k with use_rslora=False), which "
+                "measured best at every rank (scripts/sampling_study.py); 0.5 gives each prefix rsLoRA's "
+                "lora_alpha / sqrt(k); 0 keeps one scale for every prefix."
             )
         },
     )

@@ -10,9 +10,12 @@ The search costs a fixed number of passes over the eval data, whatever the model
 2. **Allocation.** Minimising `sum_m c_m(k_m) + lam * params_m(k_m)` splits per module; its solutions, as lam grows,
    walk the lower convex hulls of the cost curves. Sorting every hull step by its price (cost increase per parameter
    saved) gives one path of configurations from full rank to all-zero with parameters falling monotonically.
-3. **Measured bisection** over that path: each probe is a real eval pass at those ranks. The result is the
-   measured configuration with the fewest parameters whose quality is within tolerance of the best quality measured
-   (full rank, or a truncation that turned out better).
+3. **Measured bisection**, where each probe is a real eval pass at those ranks: first over one rank for every
+   module, halving from full (r/2, r/4, ..., 1: the prefixes elastic training optimises directly, and the first-order
+   costs are least reliable for the large rescaling of a short prefix); then, from the smallest uniform rank within
+   tolerance, over the allocation path of the cost curves cut at that rank. The result is the measured configuration
+   with the fewest parameters whose quality is within tolerance of the best quality measured (full rank, or a
+   truncation that turned out better).
 
 Passes: 1 sensitivity + 1 full rank + 1 base (all ranks 0) + bisection probes, `max_passes` in all (default 12).
 A plain (non-elastic) LoRA is first re-factored by SVD of B A so that its prefixes are its best low-rank
@@ -154,6 +157,15 @@ def sensitivity(
     return costs
 
 
+def _halvings(r: int) -> list[int]:
+    """r // 2, r // 4, ..., 1: the uniform ranks the search tries before per-module ranks."""
+    ks = []
+    while r > 1:
+        r //= 2
+        ks.append(r)
+    return ks
+
+
 def _lower_hull(costs: torch.Tensor) -> list[int]:
     """Ranks on the lower convex hull of the points (k, costs[k]), ascending in k (always includes 0 and r)."""
     hull: list[int] = []
@@ -274,15 +286,29 @@ def shrink(
         if chosen_ranks not in (path[0], zero):
             measure(chosen_ranks)
     else:
-        lo, hi = 0, len(path) - 1  # lo: known within tolerance; hi: known outside (or the all-zero end)
-        if ok(base_quality):
-            lo = hi
-        while hi - lo > 1 and len(curve) + 1 < max_passes:
-            mid = (lo + hi) // 2
-            if ok(measure(path[mid])):
-                lo = mid
-            else:
-                hi = mid
+
+        def bisect(configs: list[dict[str, int]]) -> dict[str, int]:
+            """The last config of `configs` found within tolerance; configs[0] and configs[-1] are measured.
+
+            The all-zero end is probed towards even when it looks within tolerance: a later probe may beat both ends.
+            """
+            lo, hi = 0, len(configs) - 1  # lo: known within tolerance; hi: known outside (or the all-zero end)
+            while hi - lo > 1 and len(curve) + 1 < max_passes:
+                mid = (lo + hi) // 2
+                if ok(measure(configs[mid])):
+                    lo = mid
+                else:
+                    hi = mid
+            return configs[lo]
+
+        # 1. the same rank for every module, halving from full: the prefixes elastic training optimises directly
+        r = max(full.values())
+        uniform = [{name: min(k, r_m) for name, r_m in full.items()} for k in _halvings(r)]
+        anchor = bisect([path[0], *uniform, zero])
+        # 2. per-module ranks below that anchor, along the allocation path of the cost curves cut at the anchor
+        if anchor != zero:
+            cut = {name: costs[name][: anchor[name] + 1] for name in costs}
+            bisect(allocation_path(cut, widths))
         # the best quality may have improved during the search: pick among everything measured
         feasible = [point for point in curve if ok(point["quality"])]
         sign = -1.0 if higher_is_better else 1.0

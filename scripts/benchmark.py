@@ -9,7 +9,7 @@ PEFT convert_to_lora) and by naive prefix; a DyLoRA-style ElasticLoraConfig (one
 all layers, scale alpha/k); ElasticLoRA with the library defaults at each uniform k; ElasticLoRA + shrink and plain
 LoRA + SVD-ordered shrink at several tolerances. Writes JSON, a PNG and a markdown table.
 
-    python scripts/benchmark.py --steps 80 --out outputs/benchmark        # ~45 min on 2 CPU cores
+    python scripts/benchmark.py --out outputs/benchmark        # ~50 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Bench:
         self.ranks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= args.max_rank]
 
     def trained(self, config, lr: float, seed: int, desc: str):
+        torch.manual_seed(seed)  # the adapter's initialisation too, not only the training order and draws
         model = get_peft_model(copy.deepcopy(self.base), config)
         start = time.time()
         train_steps(model, self.train, self.args.steps, lr, seed=seed, autocast_dtype=BF16, desc=desc)
@@ -68,11 +69,11 @@ class Bench:
         with at_ranks(model, ranks) if ranks is not None else contextlib.nullcontext():
             return eval_loss(model, self.test, autocast_dtype=BF16)
 
-    def sweep(self, make_config, name: str, seed: int = 0, elastic: bool = False):
-        """Train at every lr; keep the model with the best dev loss (at full rank)."""
+    def sweep(self, make_config, name: str, lrs: list[float] | None = None):
+        """Train at every lr (default: --lrs); keep the model with the best dev loss (at full rank)."""
         results, best = [], None
-        for lr in self.args.lrs:
-            model, seconds = self.trained(make_config(), lr, seed, f"{name} lr={lr:g}")
+        for lr in self.args.lrs if lrs is None else lrs:
+            model, seconds = self.trained(make_config(), lr, 0, f"{name} lr={lr:g}")
             dev = eval_loss(model, self.dev, autocast_dtype=BF16)
             results.append({"lr": lr, "dev_loss": dev, "train_seconds": seconds})
             print(f"{name} lr={lr:g}: dev {dev:.4f} ({seconds:.0f} s)", flush=True)
@@ -88,18 +89,30 @@ def lora_config(r: int) -> LoraConfig:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-rank", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.005, 0.01, 0.02])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds for the elastic arm's spread")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="seeds for the seed-to-seed spread of the elastic and plain r_max arms",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     parser.add_argument("--redo-plain", action="store_true",
                         help="retrain only the plain r_max LoRA at the lr recorded in OUT/benchmark.json and redo its "
                         "truncation and shrink arms")  # fmt: skip
+    parser.add_argument("--redo-elastic", action="store_true",
+                        help="redo only the ElasticLoRA arms (sweep over --lrs, seeds, shrink) in OUT/benchmark.json, "
+                        "e.g. after a change of the library's defaults")  # fmt: skip
+    parser.add_argument("--extend-grid", type=float, nargs="+", metavar="LR",
+                        help="add these lrs to every grid rank's sweep in OUT/benchmark.json (and redo the plain "
+                        "r_max arms if its best lr changes)")  # fmt: skip
     args = parser.parse_args()
-    if args.redo_plain:
-        redo_plain(args)
+    if args.redo_plain or args.redo_elastic or args.extend_grid:
+        redo(args)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args)
@@ -135,30 +148,38 @@ def main() -> None:
     dylora, dylora_lr, dylora_sweep = bench.sweep(lambda: ElasticLoraConfig(**dylora_config), "dylora")
     report["dylora"] = {"lr": dylora_lr, "sweep": dylora_sweep}
     report["dylora"]["test_loss"] = {k: bench.test_loss(dylora, k) for k in bench.ranks}
-    elastic, elastic_lr, elastic_sweep = bench.sweep(lambda: ElasticLoraConfig(r=r_max), "elastic")
-    elastic_seconds = next(s["train_seconds"] for s in elastic_sweep if s["lr"] == elastic_lr)
-    report["elastic"] = {"lr": elastic_lr, "sweep": elastic_sweep, "train_seconds": elastic_seconds}
-    report["elastic"]["test_loss"] = {k: bench.test_loss(elastic, k) for k in bench.ranks}
-    spread = {}
-    for seed in args.seeds[1:]:
-        model, _ = bench.trained(ElasticLoraConfig(r=r_max), elastic_lr, seed, f"elastic seed={seed}")
-        spread[seed] = {k: bench.test_loss(model, k) for k in bench.ranks}
-    report["elastic"]["other_seeds"] = spread
-
-    # 5. shrink at each tolerance (elastic side)
-    report["shrink"]["elastic"] = {tol: shrink_entry(bench, elastic, tol) for tol in args.tolerances}
-    report["elastic_uniform_params"] = {k: adapter_param_count(elastic, k) for k in bench.ranks}
+    elastic_arms(bench, report)
     report["wall_seconds"] = time.time() - started
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
     write_outputs(report, args.out)
 
 
+def elastic_arms(bench: Bench, report: dict) -> None:
+    """Arm 4 (ElasticLoRA with the library defaults, best lr, every uniform k, other seeds) and 5 (its shrink)."""
+    r_max = bench.args.max_rank
+    elastic, elastic_lr, elastic_sweep = bench.sweep(lambda: ElasticLoraConfig(r=r_max), "elastic")
+    elastic_seconds = next(s["train_seconds"] for s in elastic_sweep if s["lr"] == elastic_lr)
+    report["elastic"] = {"lr": elastic_lr, "sweep": elastic_sweep, "train_seconds": elastic_seconds}
+    report["elastic"]["test_loss"] = {k: bench.test_loss(elastic, k) for k in bench.ranks}
+    spread = {}
+    for seed in bench.args.seeds[1:]:
+        model, _ = bench.trained(ElasticLoraConfig(r=r_max), elastic_lr, seed, f"elastic seed={seed}")
+        spread[seed] = {k: bench.test_loss(model, k) for k in bench.ranks}
+    report["elastic"]["other_seeds"] = spread
+    report["shrink"]["elastic"] = {tol: shrink_entry(bench, elastic, tol) for tol in bench.args.tolerances}
+    report["elastic_uniform_params"] = {k: adapter_param_count(elastic, k) for k in bench.ranks}
+
+
+def reloaded(bench: Bench, plain_model, copies: int = 1) -> list:
+    """Copies of a plain LoRA reloaded as elastic models (prefix order; `svd_reorder` them for SVD truncation)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_model.save_pretrained(tmp)
+        return [load_elastic(copy.deepcopy(bench.base), tmp) for _ in range(copies)]
+
+
 def plain_arms(bench: Bench, plain_rmax, report: dict) -> None:
     """Arms 2 and 5 (plain side): prefix / SVD truncation of the plain r_max LoRA and its SVD-ordered shrink."""
-    with tempfile.TemporaryDirectory() as tmp:
-        plain_rmax.save_pretrained(tmp)
-        prefix = load_elastic(copy.deepcopy(bench.base), tmp)
-        svd = load_elastic(copy.deepcopy(bench.base), tmp)
+    prefix, svd = reloaded(bench, plain_rmax, copies=2)
     svd_reorder(svd)
     report["plain_prefix"] = {k: bench.test_loss(prefix, k) for k in bench.ranks}
     report["plain_svd"] = {k: bench.test_loss(svd, k) for k in bench.ranks}
@@ -166,6 +187,12 @@ def plain_arms(bench: Bench, plain_rmax, report: dict) -> None:
     for tol in bench.args.tolerances:
         report["shrink"]["plain_svd"][tol] = shrink_entry(bench, svd, tol)
     report["plain_svd_uniform_params"] = {k: adapter_param_count(svd, k) for k in bench.ranks}
+    plain_lr, report["plain_svd_other_seeds"] = report["grid"][bench.args.max_rank]["lr"], {}
+    for seed in bench.args.seeds[1:]:
+        model, _ = bench.trained(lora_config(bench.args.max_rank), plain_lr, seed, f"plain seed={seed}")
+        (other,) = reloaded(bench, model)
+        svd_reorder(other)
+        report["plain_svd_other_seeds"][seed] = {k: bench.test_loss(other, k) for k in bench.ranks}
 
 
 def shrink_entry(bench: Bench, model, tol: float) -> dict:
@@ -184,14 +211,32 @@ def shrink_entry(bench: Bench, model, tol: float) -> dict:
     return entry
 
 
-def redo_plain(args) -> None:
+def redo(args) -> None:
+    """--redo-plain / --redo-elastic / --extend-grid on a saved OUT/benchmark.json (rewritten with the new arms)."""
     path = args.out / "benchmark.json"
     report = json.loads(path.read_text())
+    report["grid"] = {int(k): v for k, v in report["grid"].items()}
     bench = Bench(args)
-    lr = report["grid"][str(args.max_rank)]["lr"]
-    plain_rmax, _ = bench.trained(lora_config(args.max_rank), lr, 0, f"lora r={args.max_rank} lr={lr:g}")
-    plain_arms(bench, plain_rmax, report)
-    report["plain_redone"] = str(date.today())
+    r_max, plain_rmax = args.max_rank, None
+    for lr in args.extend_grid or []:
+        for k in bench.ranks:
+            entry = report["grid"][k]
+            model, _, (result,) = bench.sweep(lambda k=k: lora_config(k), f"lora r={k}", lrs=[lr])
+            entry["sweep"].append(result)
+            report["grid_train_seconds"] += result["train_seconds"]
+            if result["dev_loss"] < min(s["dev_loss"] for s in entry["sweep"][:-1]):
+                entry.update(lr=lr, test_loss=bench.test_loss(model))
+                plain_rmax = model if k == r_max else plain_rmax
+        report.setdefault("grid_extended", []).append([lr, str(date.today())])
+    if args.redo_plain and plain_rmax is None:
+        lr = report["grid"][r_max]["lr"]
+        plain_rmax, _ = bench.trained(lora_config(r_max), lr, 0, f"lora r={r_max} lr={lr:g}")
+    if plain_rmax is not None:
+        plain_arms(bench, plain_rmax, report)
+        report["plain_redone"] = str(date.today())
+    if args.redo_elastic:
+        elastic_arms(bench, report)
+        report["elastic_redone"] = str(date.today())
     path.write_text(json.dumps(report, indent=2))
     write_outputs(report, args.out)
 
@@ -246,7 +291,8 @@ def write_outputs(report: dict, out: Path) -> None:
     lines = [
         f"{report['machine']}, {report['date']}; {report['settings']['steps']} steps x batch "
         f"{report['settings']['batch_size']}, lrs {report['settings']['lrs']}; test-split eval loss "
-        f"(base model {report['base_test_loss']:.3f})",
+        f"(base model {report['base_test_loss']:.3f})"
+        + "".join(f"; grid also swept at lr {lr:g} ({day})" for lr, day in report.get("grid_extended", [])),
         "",
         "| rank k | LoRA at k (lr) | plain r_max SVD | plain r_max prefix | DyLoRA-style | ElasticLoRA |",
         "|---|---|---|---|---|---|",
@@ -265,6 +311,9 @@ def write_outputs(report: dict, out: Path) -> None:
     for seed, curve in report["elastic"].get("other_seeds", {}).items():
         values = ", ".join(f"k={k}: {v:.3f}" for k, v in sorted(keyed(curve).items()))
         lines += ["", f"ElasticLoRA with seed {seed} (same lr), for the seed-to-seed spread: {values}."]
+    for seed, curve in report.get("plain_svd_other_seeds", {}).items():
+        values = ", ".join(f"k={k}: {v:.3f}" for k, v in sorted(keyed(curve).items()))
+        lines += ["", f"Plain LoRA r_max, SVD-truncated, with seed {seed} (same lr): {values}."]
     lines += [
         "",
         "| shrink tolerance | ElasticLoRA + shrink: params / test loss | plain LoRA + SVD shrink |",

@@ -37,6 +37,11 @@ ELASTIC_ARMS = {
     "elastic log2 p.25 pow.75": dict(full_rank_prob=0.25, truncation_scale_power=0.75),
     "elastic log2 p.25 pow1": dict(full_rank_prob=0.25, truncation_scale_power=1.0),
     "elastic log2 p0 pow.5": dict(full_rank_prob=0.0, truncation_scale_power=0.5),
+    "elastic log2 p.25 pow.5 shared": dict(truncation_scale_power=0.5, per_layer_draws=False, draw_per="batch"),
+    "elastic log2 p.5 pow1": dict(full_rank_prob=0.5, truncation_scale_power=1.0),
+    "elastic log2 p0 pow1": dict(full_rank_prob=0.0, truncation_scale_power=1.0),
+    "elastic log2 p.25 pow1 shared": dict(truncation_scale_power=1.0, per_layer_draws=False, draw_per="batch"),
+    "elastic log2 p.5 pow.75": dict(full_rank_prob=0.5, truncation_scale_power=0.75),
 }
 
 
@@ -49,6 +54,16 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=160)
     parser.add_argument("--lora-ranks", type=int, nargs="*", default=[1, 2, 8, 32])
     parser.add_argument("--arms", nargs="*", default=list(ELASTIC_ARMS))
+    parser.add_argument(
+        "--arm-lrs", type=float, nargs="*", default=None, help="one lr per elastic arm (default: --lr for every arm)"
+    )
+    parser.add_argument(
+        "--lora-lrs",
+        type=float,
+        nargs="*",
+        default=None,
+        help="one lr per plain LoRA rank (default: --lr for every rank)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/sampling_study.json"))
     args = parser.parse_args()
@@ -63,28 +78,30 @@ def main() -> None:
     results = {"machine": platform.processor() or platform.machine(), "date": str(date.today()), "args": settings}
     results["base"] = eval_loss(base, evals, autocast_dtype=bf16)
     arms = {}
-    for r in args.lora_ranks:
+    lora_lrs = args.lora_lrs or [args.lr] * len(args.lora_ranks)
+    arm_lrs = args.arm_lrs or [args.lr] * len(args.arms)
+    for r, lr in zip(args.lora_ranks, lora_lrs, strict=True):
         model = get_peft_model(
             copy.deepcopy(base), LoraConfig(r=r, lora_alpha=16, use_rslora=True, target_modules="all-linear")
         )
         start = time.time()
-        train_steps(model, train, args.steps, args.lr, seed=args.seed, autocast_dtype=bf16, desc=f"lora r={r}")
-        arms[f"lora r={r}"] = {
+        train_steps(model, train, args.steps, lr, seed=args.seed, autocast_dtype=bf16, desc=f"lora r={r}")
+        arms[f"lora r={r} lr={lr:g}"] = {
             "losses": {r: eval_loss(model, evals, autocast_dtype=bf16)},
             "seconds": time.time() - start,
         }
-        print(arms[f"lora r={r}"], flush=True)
-    for name in args.arms:
+        print(f"lora r={r} lr={lr:g}", arms[f"lora r={r} lr={lr:g}"], flush=True)
+    for name, lr in zip(args.arms, arm_lrs, strict=True):
         config = ElasticLoraConfig(r=args.max_rank, **ELASTIC_ARMS[name])
         model = get_peft_model(copy.deepcopy(base), config)
         start = time.time()
-        train_steps(model, train, args.steps, args.lr, seed=args.seed, autocast_dtype=bf16, desc=name)
+        train_steps(model, train, args.steps, lr, seed=args.seed, autocast_dtype=bf16, desc=name)
         losses = {}
         for k in ranks:
             with at_ranks(model, k):
                 losses[k] = eval_loss(model, evals, autocast_dtype=bf16)
-        arms[name] = {"losses": losses, "seconds": time.time() - start}
-        print(name, arms[name], flush=True)
+        arms[f"{name} lr={lr:g}"] = {"losses": losses, "seconds": time.time() - start}
+        print(f"{name} lr={lr:g}", arms[f"{name} lr={lr:g}"], flush=True)
     results["arms"] = arms
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

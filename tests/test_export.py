@@ -16,7 +16,7 @@ def mixed_ranks(model):
 
 
 @pytest.mark.parametrize("pad", [False, True], ids=["rank_pattern", "padded"])
-@pytest.mark.parametrize("power", [0.0, 0.5])
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("model_id", sorted(MODELS))
 def test_export_reloads_in_plain_peft_with_identical_outputs(model_id, power, pad, tmp_path, input_ids):
     model = get_peft_model(MODELS[model_id](), ElasticLoraConfig(r=8, truncation_scale_power=power))

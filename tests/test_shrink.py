@@ -5,7 +5,7 @@ import torch
 from conftest import VOCAB, randomize_lora, tiny_llama
 from peft import get_peft_model
 
-from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers
+from elasticlora import ElasticLoraConfig, adapter_param_count, at_ranks, elastic_layers
 from elasticlora.data import make_batches
 from elasticlora.evaluate import eval_loss
 from elasticlora.shrink import allocation_path, shrink, svd_reorder, within_tolerance
@@ -59,6 +59,33 @@ def test_shrink_keeps_the_modules_that_matter_and_drops_the_rest(toy_task):
         assert eval_loss(model, batches) == pytest.approx(result.quality, rel=1e-6)
     assert result.quality <= result.best_quality * 1.01
     assert result.base_quality > result.quality
+    assert result.passes <= 12
+
+
+@pytest.mark.parametrize("tolerance", [0.005, 0.02])
+def test_shrink_is_never_larger_than_the_smallest_good_uniform_rank(tolerance):
+    """The search tries one rank for every module (r/2, r/4, ...) before per-module ranks, so a uniform truncation
+    within tolerance of the best quality bounds the result's parameters."""
+    base = tiny_llama(layers=2)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(100)  # a peaked next-token distribution, so the adapter shows in the loss
+    model = get_peft_model(base, ElasticLoraConfig(r=8)).eval()
+    randomize_lora(model, seed=3)
+    with torch.no_grad(), at_ranks(model, 2):  # data sampled from the adapter at uniform rank 2
+        torch.manual_seed(1)
+        tokens = torch.randint(0, VOCAB, (32, 1))
+        for _ in range(11):
+            logits = model(tokens).logits[:, -1]
+            tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1)], dim=1)
+    batches = make_batches([{"input_ids": r.tolist(), "labels": r.tolist()} for r in tokens], 16, 0)
+    result = shrink(model, batches, tolerance=tolerance, progress=False)
+    good = []
+    for k in (4, 2, 1):
+        with at_ranks(model, k):
+            if eval_loss(model, batches) <= result.best_quality * (1 + tolerance):
+                good.append(k)
+    assert 2 in good, "the teacher's own rank is within tolerance"
+    assert 0 < result.params <= adapter_param_count(model, min(good))
     assert result.passes <= 12
 
 
