@@ -13,6 +13,7 @@ world size, the wrapper it trained under, a hash of its final adapter weights an
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -46,24 +47,8 @@ def last_draws(model) -> list[int]:
     return layer.elastic_state["default"].drawn_ranks().tolist()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("trainer", "accelerate", "fsdp2"), default="trainer")
-    parser.add_argument("--model", default="smollm2", help="path or hub id; 'tiny': a random test model")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=320)
-    parser.add_argument("--max-rank", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=Path("outputs/distributed"))
-    parser.add_argument("--report", type=Path, default=None)
-    args = parser.parse_args()
-    set_seed(0)  # the same seed on every process, as Trainer does; rank draws still differ per process
-
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    rows = load_rows(DATA)[: args.rows]
-    examples = tokenize_rows(tokenizer, rows, max_length=64)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
-    model = get_peft_model(model, ElasticLoraConfig(r=args.max_rank))
-
+def train(model, examples, collator, args) -> str:
+    """Train `model` in place under the wrapper --mode names; returns that wrapper's class name."""
     if args.mode == "trainer":
         from transformers import Trainer, TrainingArguments
 
@@ -74,45 +59,67 @@ def main() -> None:
         )  # fmt: skip
         trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collator)
         trainer.train()
-        wrapper = type(trainer.model_wrapped).__name__
+        return type(trainer.model_wrapped).__name__
+    if args.mode == "accelerate":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        device = accelerator.device
     else:
-        if args.mode == "accelerate":
-            from accelerate import Accelerator
+        from torch.distributed.fsdp import fully_shard
 
-            accelerator = Accelerator(cpu=not torch.cuda.is_available())
-            device = accelerator.device
-        else:
-            from torch.distributed.fsdp import fully_shard
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
+        model.to(device)
+        for layer in model.get_base_model().model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    sampler = torch.utils.data.DistributedSampler(examples, shuffle=True, seed=0)
+    loader = torch.utils.data.DataLoader(examples, batch_size=8, sampler=sampler, collate_fn=collator)
+    if args.mode == "accelerate":
+        model, optimizer = accelerator.prepare(model, optimizer)
+    wrapper = type(model).__name__
+    if args.mode == "fsdp2":
+        wrapper = type(model.get_base_model().model.layers[0]).__name__
+    model.train()
+    step = 0
+    while step < args.steps:
+        for batch in loader:
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == args.steps:
+                break
+    return wrapper
 
-            if "LOCAL_RANK" not in os.environ:
-                parser.error("--mode fsdp2 needs a launcher: torchrun --nproc_per_node N examples/distributed.py ...")
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
-            model.to(device)
-            for layer in model.get_base_model().model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-        sampler = torch.utils.data.DistributedSampler(examples, shuffle=True, seed=0)
-        loader = torch.utils.data.DataLoader(examples, batch_size=8, sampler=sampler, collate_fn=collator)
-        if args.mode == "accelerate":
-            model, optimizer = accelerator.prepare(model, optimizer)
-        wrapper = type(model).__name__
-        if args.mode == "fsdp2":
-            wrapper = type(model.get_base_model().model.layers[0]).__name__
-        model.train()
-        step = 0
-        while step < args.steps:
-            for batch in loader:
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if step == args.steps:
-                    break
-        model = model.module if hasattr(model, "module") else model
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("trainer", "accelerate", "fsdp2"), default="trainer")
+    parser.add_argument("--model", default="smollm2", help="path or hub id; 'tiny': a random test model")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=320)
+    parser.add_argument("--max-rank", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("outputs/distributed"))
+    parser.add_argument("--report", type=Path, default=None)
+    args = parser.parse_args()
+    if args.mode == "fsdp2" and "LOCAL_RANK" not in os.environ:
+        parser.error("--mode fsdp2 needs a launcher: torchrun --nproc_per_node N examples/distributed.py ...")
+    set_seed(0)  # the same seed on every process, as Trainer does; rank draws still differ per process
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    rows = load_rows(DATA)[: args.rows]
+    examples = tokenize_rows(tokenizer, rows, max_length=64)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    model = get_peft_model(model, ElasticLoraConfig(r=args.max_rank))
+    wrapper = train(model, examples, collator, args)
+    # The DDP wrapper is gone once train() returns; collect its reference cycles now. A DDP reducer that outlives
+    # destroy_process_group() frees the gloo group while holding the GIL and can deadlock with gloo's worker thread.
+    gc.collect()
 
     distributed = dist.is_available() and dist.is_initialized()
     report = {
