@@ -22,7 +22,7 @@ ELASTIC_FIELDS = (
     "rank_sampler",
     "min_rank",
     "full_rank_prob",
-    "per_layer_draws",
+    "shared_draw_prob",
     "draw_per",
     "truncation_scale_power",
 )
@@ -82,13 +82,14 @@ class ElasticLoraConfig(LoraConfig):
             )
         },
     )
-    per_layer_draws: bool = field(
-        default=True,
+    shared_draw_prob: float = field(
+        default=0.0,
         metadata={
             "help": (
-                "Draw each layer's truncation rank independently (True), so one pass trains many per-layer rank "
-                "combinations, matching the per-layer ranks shrink later picks; False shares one draw across layers "
-                "(DyLoRA)."
+                "Probability that a draw is shared by every layer (the whole model runs at one truncation rank for "
+                "that example, full rank included) instead of each layer drawing its own. Independent draws train "
+                "the mixed per-layer ranks shrink picks; shared draws train the uniform configurations, the full "
+                "model among them. 1 is DyLoRA's one rank for all layers."
             )
         },
     )
@@ -128,12 +129,10 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(f"`min_rank` must be a positive int, got {self.min_rank!r}")
         if self.min_rank > self.r:
             raise ValueError(f"`min_rank` ({self.min_rank}) must not exceed the maximum rank `r` ({self.r})")
-        for name in ("full_rank_prob", "truncation_scale_power"):
+        for name in ("full_rank_prob", "shared_draw_prob", "truncation_scale_power"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
                 raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
-        if not isinstance(self.per_layer_draws, bool):
-            raise ValueError(f"`per_layer_draws` must be a bool, got {self.per_layer_draws!r}")
         unsupported = {
             "use_dora": "DoRA",
             "lora_bias": "LoRA bias",

@@ -61,7 +61,7 @@ class ElasticState:
     probs: list[float]
     scales: list[float]  # s(k) for each k in support
     scale_power: float
-    per_layer_draws: bool
+    shared_prob: float
     draw_per: str
     layer_key: int = 0
     rank: int | None = None  # fixed truncation; None = full rank in eval, sampled in training
@@ -82,7 +82,7 @@ class ElasticState:
             probs=probs,
             scales=[(r / k) ** config.truncation_scale_power for k in support],
             scale_power=config.truncation_scale_power,
-            per_layer_draws=config.per_layer_draws,
+            shared_prob=config.shared_draw_prob,
             draw_per=config.draw_per,
             layer_key=zlib.crc32(target_name.encode()),
         )
@@ -104,19 +104,34 @@ class ElasticState:
             self._tables[key] = (cdf.to(device=device, dtype=torch.float32), masks.to(device=device, dtype=dtype))
         return self._tables[key]
 
-    def draw(self, n_draws: int, device: torch.device) -> torch.Tensor:
-        """Indices into `support`, one per draw; reused as-is while gradient checkpointing recomputes."""
-        if _in_backward() and self.last_draw is not None and self.last_draw.shape[0] == n_draws:
-            return self.last_draw
-        self.calls += 1
-        layer_key = self.layer_key if self.per_layer_draws else 0
+    def _generator(self, key: int, device: torch.device) -> torch.Generator:
         seed = torch.initial_seed()
-        for part in (_process_rank(), layer_key, self.calls):
+        for part in (_process_rank(), key, self.calls):
             seed = _splitmix64(seed ^ part)
         generator = torch.Generator(device=device)
         generator.manual_seed(seed & ((1 << 63) - 1))
+        return generator
+
+    def draw(self, n_draws: int, device: torch.device) -> torch.Tensor:
+        """Indices into `support`, one per draw; reused as-is while gradient checkpointing recomputes.
+
+        Each draw inverts the sampler's CDF at a uniform `u`: the layer's own stream (keyed by its name) or, with
+        probability `shared_prob`, a stream keyed by 0 that every layer reproduces at the same call, so those draws
+        pick the same quantile, and so the same rank, in every layer.
+        """
+        if _in_backward() and self.last_draw is not None and self.last_draw.shape[0] == n_draws:
+            return self.last_draw
+        self.calls += 1
         cdf, _ = self._device_tables(device, torch.float32)
-        u = torch.rand(n_draws, generator=generator, device=device)
+        if self.shared_prob < 1.0:
+            u = torch.rand(n_draws, generator=self._generator(self.layer_key, device), device=device)
+        if self.shared_prob > 0.0:
+            shared = self._generator(0, device)
+            u_shared = torch.rand(n_draws, generator=shared, device=device)
+            if self.shared_prob < 1.0:
+                u = torch.where(torch.rand(n_draws, generator=shared, device=device) < self.shared_prob, u_shared, u)
+            else:
+                u = u_shared
         self.last_draw = torch.searchsorted(cdf, u, right=True).clamp_(max=len(self.support) - 1)
         return self.last_draw
 

@@ -142,7 +142,7 @@ def main() -> None:
 
     # 3. DyLoRA-style and 4. ElasticLoRA (library defaults), each with its best lr, run at every uniform k
     dylora_config = dict(
-        r=r_max, rank_sampler="uniform", per_layer_draws=False, draw_per="batch", truncation_scale_power=1.0,
+        r=r_max, rank_sampler="uniform", shared_draw_prob=1.0, draw_per="batch", truncation_scale_power=1.0,
         full_rank_prob=0.0, use_rslora=False,
     )  # fmt: skip
     dylora, dylora_lr, dylora_sweep = bench.sweep(lambda: ElasticLoraConfig(**dylora_config), "dylora")

@@ -1,14 +1,30 @@
-"""Which rank distribution and truncation scaling make every prefix as good as a LoRA trained at that rank?
+"""Which sampling and scaling settings make every prefix as good as a LoRA trained at that rank?
 
-Trains plain LoRA at a few ranks and ElasticLoRA under several sampling / scaling settings on SmolLM2-135M with the
-WordNet definitions task, all with the same data, steps, lr and seed, and reports eval loss at each truncation rank.
+Trains ElasticLoRA under the settings given on the command line, each at every learning rate and seed asked for,
+on SmolLM2-135M-Instruct with the WordNet definitions task (the benchmark's model, data, batch and steps), and
+reports eval loss at every uniform truncation rank on the benchmark's two eval splits: `dev` (the first 150
+held-out rows, for choosing) and `test` (the other 150, for reporting). `--grid-ranks` adds plain LoRA trained at
+each of those ranks, and the SVD truncations of the plain LoRA at `--max-rank`, as references from the same run.
+Runs on the GPU when there is one; the JSON is rewritten after every run, so a cut-off study keeps what it did.
 
-    python scripts/sampling_study.py --steps 120 --out outputs/sampling_study.json
+An arm is a comma-separated list of ElasticLoraConfig fields, or `default` for the library's defaults. One more
+item, `component_power=P`, prototypes a scaling that is not in the library: rank component j is weighted by
+c_j = r^(1-P) ((j+1)^P - j^P) on top of the prefix scale, so the first k components together weigh r^(1-P) k^P
+(with Adam, a prefix of rank k then moves about as fast as an rsLoRA of rank k for P = 0.5, while every prefix
+stays a plain sum of its components). It patches the training masks and, after training, folds c into lora_B:
+
+    python scripts/sampling_study.py --lrs 2e-3 --seeds 0 1 2 \
+        --arms component_power=0.5,shared_draw_prob=0.5,truncation_scale_power=0
+
+    python scripts/sampling_study.py --grid-ranks 1 2 4 8 16 32 --lrs 5e-4 1e-3 2e-3 \\
+        --arms default shared_draw_prob=0.5 shared_draw_prob=0.5,truncation_scale_power=0.5 \\
+        --out outputs/sampling_study.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -17,95 +33,159 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 
+import elasticlora.layer
 from elasticlora import ElasticLoraConfig, at_ranks
-from elasticlora.data import eval_batches
+from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss
 from elasticlora.loading import load_model_and_tokenizer
+from elasticlora.ranks import elastic_layers
+from elasticlora.shrink import shrink, svd_reorder
 from elasticlora.train import train_steps
 
 DATA = Path(__file__).resolve().parents[1] / "elasticlora" / "data"
 
-ELASTIC_ARMS = {
-    "elastic log2 p0 pow0": dict(full_rank_prob=0.0, truncation_scale_power=0.0),
-    "elastic log2 p.25 pow0": dict(full_rank_prob=0.25, truncation_scale_power=0.0),
-    "elastic log2 p.25 pow.25": dict(full_rank_prob=0.25, truncation_scale_power=0.25),
-    "elastic log2 p.25 pow.5": dict(full_rank_prob=0.25, truncation_scale_power=0.5),
-    "elastic log2 p.5 pow0": dict(full_rank_prob=0.5, truncation_scale_power=0.0),
-    "elastic log2 p.5 pow.5": dict(full_rank_prob=0.5, truncation_scale_power=0.5),
-    "elastic log2 p.25 pow.75": dict(full_rank_prob=0.25, truncation_scale_power=0.75),
-    "elastic log2 p.25 pow1": dict(full_rank_prob=0.25, truncation_scale_power=1.0),
-    "elastic log2 p0 pow.5": dict(full_rank_prob=0.0, truncation_scale_power=0.5),
-    "elastic log2 p.25 pow.5 shared": dict(truncation_scale_power=0.5, per_layer_draws=False, draw_per="batch"),
-    "elastic log2 p.5 pow1": dict(full_rank_prob=0.5, truncation_scale_power=1.0),
-    "elastic log2 p0 pow1": dict(full_rank_prob=0.0, truncation_scale_power=1.0),
-    "elastic log2 p.25 pow1 shared": dict(truncation_scale_power=1.0, per_layer_draws=False, draw_per="batch"),
-    "elastic log2 p.5 pow.75": dict(full_rank_prob=0.5, truncation_scale_power=0.75),
-}
+
+def parse_arm(spec: str) -> dict:
+    """`"shared_draw_prob=0.5,truncation_scale_power=1"` -> config kwargs (`default`: none)."""
+    if spec == "default":
+        return {}
+    kwargs = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in (*ElasticLoraConfig.__dataclass_fields__, "component_power"):
+            raise SystemExit(f"bad arm item {item!r}: expected FIELD=VALUE with an ElasticLoraConfig field")
+        kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return kwargs
+
+
+def component_weights(r: int, power: float) -> torch.Tensor:
+    """c_j = r^(1-P) ((j+1)^P - j^P) for j < r: the first k components weigh r^(1-P) k^P together."""
+    j = torch.arange(r, dtype=torch.float64)
+    return r ** (1 - power) * ((j + 1) ** power - j**power)
+
+
+@contextlib.contextmanager
+def component_scaling(power: float | None):
+    """Prototype (not in the library): weight the training masks' rank components by `component_weights`."""
+    if power is None:
+        yield
+        return
+    tables = elasticlora.layer.ElasticState._device_tables
+
+    def weighted(state, device, dtype):
+        key = ("weighted", device, dtype)
+        if key not in state._tables:
+            cdf, masks = tables(state, device, dtype)
+            weights = component_weights(state.r, power).to(device)
+            state._tables[key] = (cdf, (masks.double() * weights).to(dtype))
+        return state._tables[key]
+
+    elasticlora.layer.ElasticState._device_tables = weighted
+    try:
+        yield
+    finally:
+        elasticlora.layer.ElasticState._device_tables = tables
+
+
+@torch.no_grad()
+def fold_component_weights(model, power: float) -> None:
+    """Fold c into lora_B, so the eval path (which slices and does not weight) computes the trained adapter."""
+    for layer in elastic_layers(model).values():
+        weight = layer.lora_B["default"].weight
+        weight.mul_(component_weights(weight.shape[1], power).to(weight.device, weight.dtype))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="*", default=["default"], help="elastic settings (see above)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--grid-ranks", type=int, nargs="*", default=[], help="plain LoRA references at these ranks")
+    parser.add_argument("--grid-lrs", type=float, nargs="*", default=None, help="their lrs (default: --lrs)")
     parser.add_argument("--max-rank", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--eval-rows", type=int, default=160)
-    parser.add_argument("--lora-ranks", type=int, nargs="*", default=[1, 2, 8, 32])
-    parser.add_argument("--arms", nargs="*", default=list(ELASTIC_ARMS))
     parser.add_argument(
-        "--arm-lrs", type=float, nargs="*", default=None, help="one lr per elastic arm (default: --lr for every arm)"
-    )
-    parser.add_argument(
-        "--lora-lrs",
+        "--shrink",
         type=float,
         nargs="*",
-        default=None,
-        help="one lr per plain LoRA rank (default: --lr for every rank)",
+        default=[],
+        help="also shrink every elastic run at these tolerances (on dev)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="smollm2", help="'tiny' for a smoke run")
     parser.add_argument("--out", type=Path, default=Path("outputs/sampling_study.json"))
     args = parser.parse_args()
+    arms = {spec: parse_arm(spec) for spec in args.arms}
 
-    base, tokenizer = load_model_and_tokenizer("smollm2")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, tokenizer = load_model_and_tokenizer(args.model)
+    base.to(device)
     train = eval_batches(tokenizer, DATA / "wordnet_train.jsonl", batch_size=args.batch_size)
-    rows = [json.loads(line) for line in (DATA / "wordnet_eval.jsonl").read_text().splitlines()][: args.eval_rows]
-    evals = eval_batches(tokenizer, rows, batch_size=32)
+    rows = load_rows(DATA / "wordnet_eval.jsonl")
+    splits = {"dev": eval_batches(tokenizer, rows[:150], 32), "test": eval_batches(tokenizer, rows[150:], 32)}
     bf16 = torch.bfloat16
-    ranks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.max_rank]
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    results = {"machine": platform.processor() or platform.machine(), "date": str(date.today()), "args": settings}
-    results["base"] = eval_loss(base, evals, autocast_dtype=bf16)
-    arms = {}
-    lora_lrs = args.lora_lrs or [args.lr] * len(args.lora_ranks)
-    arm_lrs = args.arm_lrs or [args.lr] * len(args.arms)
-    for r, lr in zip(args.lora_ranks, lora_lrs, strict=True):
-        model = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=r, lora_alpha=16, use_rslora=True, target_modules="all-linear")
-        )
-        start = time.time()
-        train_steps(model, train, args.steps, lr, seed=args.seed, autocast_dtype=bf16, desc=f"lora r={r}")
-        arms[f"lora r={r} lr={lr:g}"] = {
-            "losses": {r: eval_loss(model, evals, autocast_dtype=bf16)},
-            "seconds": time.time() - start,
-        }
-        print(f"lora r={r} lr={lr:g}", arms[f"lora r={r} lr={lr:g}"], flush=True)
-    for name, lr in zip(args.arms, arm_lrs, strict=True):
-        config = ElasticLoraConfig(r=args.max_rank, **ELASTIC_ARMS[name])
+    ranks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= args.max_rank]
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU"
+    results = {
+        "machine": f"{machine}, torch {torch.__version__}",
+        "date": str(date.today()),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "base": {split: eval_loss(base, batches, autocast_dtype=bf16) for split, batches in splits.items()},
+        "runs": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def curves(model, ks) -> dict:
+        out = {split: {} for split in splits}
+        for k in ks:
+            with at_ranks(model, k):
+                for split, batches in splits.items():
+                    out[split][k] = eval_loss(model, batches, autocast_dtype=bf16)
+        return out
+
+    def run(name: str, config: ElasticLoraConfig, lr: float, seed: int, ks: list[int], power=None) -> None:
+        torch.manual_seed(seed)
         model = get_peft_model(copy.deepcopy(base), config)
         start = time.time()
-        train_steps(model, train, args.steps, lr, seed=args.seed, autocast_dtype=bf16, desc=name)
-        losses = {}
-        for k in ranks:
-            with at_ranks(model, k):
-                losses[k] = eval_loss(model, evals, autocast_dtype=bf16)
-        arms[f"{name} lr={lr:g}"] = {"losses": losses, "seconds": time.time() - start}
-        print(f"{name} lr={lr:g}", arms[f"{name} lr={lr:g}"], flush=True)
-    results["arms"] = arms
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+        with component_scaling(power):
+            train_steps(model, train, args.steps, lr, seed=seed, autocast_dtype=bf16, progress=False)
+        if power is not None:
+            fold_component_weights(model, power)
+        entry = {"arm": name, "lr": lr, "seed": seed, "seconds": time.time() - start, **curves(model, ks)}
+        for tolerance in args.shrink if len(ks) > 1 else []:
+            result = shrink(model, splits["dev"], tolerance=tolerance, autocast_dtype=bf16, progress=False)
+            with at_ranks(model, result.ranks):
+                test = eval_loss(model, splits["test"], autocast_dtype=bf16)
+            entry.setdefault("shrink", {})[tolerance] = {
+                "params": result.params, "dev": result.quality, "test": test, "passes": result.passes
+            }  # fmt: skip
+            print(f"  shrink {tolerance:g}: {result.params:,} parameters, dev {result.quality:.3f}, test {test:.3f}")
+        if name == f"lora r={args.max_rank}":
+            svd_reorder(model)
+            entry["svd"] = curves(model, ranks)
+        results["runs"].append(entry)
+        args.out.write_text(json.dumps(results, indent=2))
+        shown = " ".join(f"{k}:{v:.3f}" for k, v in entry["dev"].items())
+        print(f"{name} lr={lr:g} seed={seed} ({entry['seconds']:.0f} s) dev {shown}", flush=True)
+
+    for seed in args.seeds:
+        for r in args.grid_ranks:
+            for lr in args.grid_lrs or args.lrs:
+                run(
+                    f"lora r={r}",
+                    ElasticLoraConfig(r=r, rank_sampler="none", truncation_scale_power=0.0),
+                    lr,
+                    seed,
+                    [r],
+                )
+        for name, kwargs in arms.items():
+            kwargs = dict(kwargs)
+            power = kwargs.pop("component_power", None)
+            for lr in args.lrs:
+                run(name, ElasticLoraConfig(r=args.max_rank, **kwargs), lr, seed, ranks, power)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

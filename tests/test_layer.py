@@ -11,7 +11,7 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 
 def elastic_model(model_id="llama", **kwargs):
-    model = get_peft_model(MODELS[model_id](), ElasticLoraConfig(r=8, **kwargs))
+    model = get_peft_model(MODELS[model_id](), ElasticLoraConfig(**{"r": 8, **kwargs}))
     randomize_lora(model)
     return model
 
@@ -101,11 +101,26 @@ def test_masked_components_receive_zero_gradient():
 
 
 def test_batch_and_shared_draws():
-    model = elastic_model(draw_per="batch", per_layer_draws=False).train()
+    model = elastic_model(draw_per="batch", shared_draw_prob=1.0).train()
     model(torch.randint(0, 64, (8, 6)))
     draws = [layer.elastic_state["default"].drawn_ranks() for layer in elastic_layers(model).values()]
     assert all(d.numel() == 1 for d in draws)
-    assert len({int(d) for d in draws}) == 1, "per_layer_draws=False shares one rank across layers"
+    assert len({int(d) for d in draws}) == 1, "shared_draw_prob=1 shares one rank across layers"
+
+
+@pytest.mark.parametrize("shared_draw_prob", [0.0, 0.5])
+def test_shared_draws_give_whole_model_configurations(shared_draw_prob):
+    """A shared draw puts every layer of that example at one rank; the others draw per layer."""
+    model = elastic_model(r=32, shared_draw_prob=shared_draw_prob).train()
+    torch.manual_seed(0)
+    model(torch.randint(0, 64, (2000, 2)))
+    draws = torch.stack([layer.elastic_state["default"].drawn_ranks() for layer in elastic_layers(model).values()])
+    assert draws.shape[0] >= 8
+    uniform = (draws == draws[0]).all(dim=0).float().mean().item()  # examples with one rank in every layer
+    # by chance alone, 8 or more layers agree with probability under sum_k P(k)^8 < 0.001 here
+    assert uniform < 0.01 if shared_draw_prob == 0 else abs(uniform - shared_draw_prob) < 0.05
+    for row in draws:  # every layer still draws from the whole support, full rank most often
+        assert set(row.tolist()) == {1, 2, 4, 8, 16, 32}
 
 
 def test_independent_layer_draws_differ_and_are_reproducible(input_ids):
