@@ -15,6 +15,7 @@ from typing import Literal
 from peft import LoraConfig
 
 RANK_SAMPLERS = ("log2", "uniform", "none")
+TRUNCATION_SCALINGS = ("prefix", "component")
 DRAW_UNITS = ("example", "batch")
 
 # Fields that exist only on ElasticLoraConfig; their presence in adapter_config.json marks an elastic adapter.
@@ -25,6 +26,7 @@ ELASTIC_FIELDS = (
     "shared_draw_prob",
     "draw_per",
     "truncation_scale_power",
+    "truncation_scaling",
 )
 
 
@@ -36,10 +38,14 @@ class ElasticLoraConfig(LoraConfig):
     leading components learn what matters most and every prefix `B[:, :k] A[:k]` is itself a usable adapter. The
     adapter at truncation `k` computes
 
-        x -> W0 x + scaling * (r / k) ** truncation_scale_power * B[:, :k] A[:k] x
+        x -> W0 x + scaling * B[:, :k] diag(s(k) * c[:k]) A[:k] x
 
-    where `scaling` is PEFT's (`lora_alpha / sqrt(r)` with the default `use_rslora=True`, else `lora_alpha / r`), so
-    at full rank the layer is exactly the PEFT LoRA layer holding the same weights.
+    where `scaling` is PEFT's (`lora_alpha / sqrt(r)` with the default `use_rslora=True`, else `lora_alpha / r`) and
+    `s(k) c_j` weighs component j in the prefix of rank k (`truncation_scaling`, `truncation_scale_power`). By
+    default `c_j = sqrt(r) (sqrt(j + 1) - sqrt(j))`, `s = 1`: every prefix is a plain sum of the same components and
+    the prefix of rank k weighs `sqrt(r k)`, so with Adam it learns about as fast as an rsLoRA of rank k does, at
+    the learning rate one would give that LoRA. The saved `lora_B` holds `B diag(c)`: at full rank a checkpoint is
+    the PEFT LoRA layer holding the same weights.
 
     `get_peft_model(model, ElasticLoraConfig())` needs no arguments: every linear layer but the output head is
     adapted at rank 64.
@@ -83,7 +89,7 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
     shared_draw_prob: float = field(
-        default=0.0,
+        default=0.5,
         metadata={
             "help": (
                 "Probability that a draw is shared by every layer (the whole model runs at one truncation rank for "
@@ -100,13 +106,25 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
     truncation_scale_power: float = field(
-        default=1.0,
+        default=0.5,
         metadata={
             "help": (
-                "Extra scale (r / k) ** power for the prefix of rank k, in [0, 1]. The default 1 makes every prefix "
-                "the mean of its components, times r * scaling (DyLoRA's lora_alpha / k with use_rslora=False), which "
-                "measured best at every rank (scripts/sampling_study.py); 0.5 gives each prefix rsLoRA's "
-                "lora_alpha / sqrt(k); 0 keeps one scale for every prefix."
+                "How much more the leading components weigh, in [0, 1]: the prefix of rank k weighs "
+                "r ** power * k ** (1 - power) in all, against k for plain sums (power 0). 0.5 gives each prefix "
+                "the weight of an rsLoRA of rank k, so each prefix learns about as fast as a LoRA trained at its "
+                "rank; 1 makes every prefix r times the mean of its components."
+            )
+        },
+    )
+    truncation_scaling: Literal["prefix", "component"] = field(
+        default="component",
+        metadata={
+            "help": (
+                "Where that weight goes. 'prefix': the k components of a prefix share it evenly, (r / k) ** power "
+                "each, a weight that changes with k (DyLoRA's lora_alpha / k for power 1). 'component': component j "
+                "has the fixed weight r ** power * ((j + 1) ** (1 - power) - j ** (1 - power)), so every prefix is "
+                "the plain sum of the same weighted components, as the truncations of an SVD are; needs power < 1. "
+                "Saved lora_B holds the weights folded in, so a checkpoint stays a plain LoRA."
             )
         },
     )
@@ -123,6 +141,10 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(f"`r` must be a positive int, got {self.r!r}")
         if self.rank_sampler not in RANK_SAMPLERS:
             raise ValueError(f"`rank_sampler` must be one of {RANK_SAMPLERS}, got {self.rank_sampler!r}")
+        if self.truncation_scaling not in TRUNCATION_SCALINGS:
+            raise ValueError(
+                f"`truncation_scaling` must be one of {TRUNCATION_SCALINGS}, got {self.truncation_scaling!r}"
+            )
         if self.draw_per not in DRAW_UNITS:
             raise ValueError(f"`draw_per` must be one of {DRAW_UNITS}, got {self.draw_per!r}")
         if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank <= 0:
@@ -133,6 +155,11 @@ class ElasticLoraConfig(LoraConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
                 raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+        if self.truncation_scaling == "component" and self.truncation_scale_power == 1:
+            raise ValueError(
+                "`truncation_scale_power=1` with `truncation_scaling='component'` puts all weight on the first "
+                "component; use a power below 1 (0.5 is the default) or `truncation_scaling='prefix'`"
+            )
         unsupported = {
             "use_dora": "DoRA",
             "lora_bias": "LoRA bias",
@@ -145,6 +172,18 @@ class ElasticLoraConfig(LoraConfig):
                 )
         if self.bias != "none":
             raise ValueError(f"`bias` must be 'none' for ElasticLoraConfig (vLLM refuses others), got {self.bias!r}")
+
+    def component_weights(self, r: int | None = None) -> list[float]:
+        """Fixed weight of each rank component (all 1 under 'prefix' scaling) for a layer of rank `r`."""
+        r = self.r if r is None else r
+        if self.truncation_scaling == "prefix":
+            return [1.0] * r
+        power = self.truncation_scale_power
+        return [r**power * ((j + 1) ** (1 - power) - j ** (1 - power)) for j in range(r)]
+
+    def prefix_scale(self, r: int, k: int) -> float:
+        """Weight shared by the components of the rank-k prefix (1 under 'component' scaling)."""
+        return (r / k) ** self.truncation_scale_power if self.truncation_scaling == "prefix" else 1.0
 
     def rank_support(self, r: int | None = None) -> list[int]:
         """The truncation ranks the sampler draws for a layer of rank `r` (default: `self.r`), ascending."""

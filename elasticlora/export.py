@@ -72,7 +72,8 @@ def export_peft_adapter(
         layer = layers[name]
         state = layer.elastic_state[adapter]
         weight_a = layer.lora_A[adapter].weight[:k].float()  # (k, in)
-        weight_b = layer.lora_B[adapter].weight[:, :k].float() * (layer.scaling[adapter] * state.scale_at(k))
+        weight_b = layer.lora_B[adapter].weight[:, :k].float() * state.gains(k, weight_a.device, torch.float32)
+        weight_b = weight_b * layer.scaling[adapter]
         if pad_to_max_rank and k < max_rank:
             weight_a = torch.cat([weight_a, weight_a.new_zeros(max_rank - k, weight_a.shape[1])])
             weight_b = torch.cat([weight_b, weight_b.new_zeros(weight_b.shape[0], max_rank - k)], dim=1)

@@ -6,11 +6,16 @@ forward, merge and mixed-batch code paths call into the variant. For an input `x
 computes
 
     h = A x                                  # (B, ..., r)
-    y = W0 x + scaling * B (h * m)           # m: (B, 1, ..., r), m[b, j] = s(k_b) if j < k_b else 0
+    y = W0 x + scaling * B (h * m)           # m: (B, 1, ..., r), m[b, j] = s(k_b) c_j if j < k_b else 0
 
-in training, with `k_b` drawn per example (or per batch) and `s(k) = (r / k) ** truncation_scale_power`, which costs
-O(B * T * r) against the O(B * T * r * width) of the LoRA matmuls. At a fixed truncation `k` (eval, shrink, export)
-it slices instead: `scaling * s(k) * B[:, :k] (A[:k] x)`, which is cheaper than full rank.
+in training, with `k_b` drawn per example (or per batch), a prefix scale `s(k)` and fixed component weights `c_j`
+(`truncation_scaling='prefix'`: `s(k) = (r / k) ** truncation_scale_power`, `c_j = 1`; 'component': `s(k) = 1` and
+`c_j` from `ElasticLoraConfig.component_weights`). That costs O(B * T * r) against the O(B * T * r * width) of the
+LoRA matmuls. At a fixed truncation `k` (eval, shrink, export) it slices instead: `scaling * B[:, :k] (g_k * A[:k] x)`
+with `g_k = s(k) c[:k]`, which is cheaper than full rank.
+
+With component weights, the parameter `lora_B` holds `B / c` (so Adam moves component j at a speed proportional to
+`c_j`) and the state dict holds `B` itself: a saved checkpoint is a plain LoRA at full rank.
 
 Draws are a pure function of (torch seed, process rank, layer, call count), from a private generator: they are
 reproducible, independent across layers and across data-parallel processes, and identical when gradient
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -60,7 +66,8 @@ class ElasticState:
     support: list[int]  # truncation ranks the sampler draws, ascending; the last is r
     probs: list[float]
     scales: list[float]  # s(k) for each k in support
-    scale_power: float
+    scale_power: float  # s(k) = (r / k) ** scale_power (0 under component scaling)
+    weights: list[float]  # c_j, the fixed weight of component j (all 1 under prefix scaling)
     shared_prob: float
     draw_per: str
     layer_key: int = 0
@@ -68,7 +75,7 @@ class ElasticState:
     merged_rank: int | None = None
     calls: int = 0
     last_draw: torch.Tensor | None = None
-    _tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _tables: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, config: ElasticLoraConfig, r: int, target_name: str) -> ElasticState:
@@ -80,8 +87,9 @@ class ElasticState:
             r=r,
             support=support,
             probs=probs,
-            scales=[(r / k) ** config.truncation_scale_power for k in support],
-            scale_power=config.truncation_scale_power,
+            scales=[config.prefix_scale(r, k) for k in support],
+            scale_power=config.truncation_scale_power if config.truncation_scaling == "prefix" else 0.0,
+            weights=config.component_weights(r),
             shared_prob=config.shared_draw_prob,
             draw_per=config.draw_per,
             layer_key=zlib.crc32(target_name.encode()),
@@ -91,8 +99,21 @@ class ElasticState:
     def samples(self) -> bool:
         return len(self.support) > 1
 
+    @cached_property
+    def weighted(self) -> bool:
+        """Whether components carry weights other than 1 (then full rank is not a plain `B A`)."""
+        return any(w != 1.0 for w in self.weights)
+
     def scale_at(self, k: int) -> float:
         return (self.r / k) ** self.scale_power
+
+    def gains(self, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(k,) weight of each component in the prefix of rank k: `s(k) * c[:k]`."""
+        key = ("gains", k, device, dtype)
+        if key not in self._tables:
+            gains = torch.tensor(self.weights[:k], dtype=torch.float64) * self.scale_at(k)
+            self._tables[key] = gains.to(device=device, dtype=dtype)
+        return self._tables[key]
 
     def _device_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, dtype)
@@ -100,7 +121,8 @@ class ElasticState:
             cdf = torch.tensor(self.probs, dtype=torch.float64).cumsum(0)
             cdf[-1] = 1.0  # guard against rounding: searchsorted(u < 1) must stay in range
             prefix = torch.arange(self.r)[None, :] < torch.tensor(self.support)[:, None]  # (n, r)
-            masks = prefix.to(torch.float32) * torch.tensor(self.scales)[:, None]
+            masks = prefix.to(torch.float64) * torch.tensor(self.scales, dtype=torch.float64)[:, None]
+            masks = masks * torch.tensor(self.weights, dtype=torch.float64)
             self._tables[key] = (cdf.to(device=device, dtype=torch.float32), masks.to(device=device, dtype=dtype))
         return self._tables[key]
 
@@ -168,9 +190,44 @@ def elastic_delta_weight(module: LoraLayer, adapter: str, rank: int | None = Non
         delta = torch.zeros(weight_b.shape[0], weight_a.shape[1], device=weight_b.device, dtype=dtype)
         return transpose(delta, module.fan_in_fan_out)
     # fp32 accumulation: CPUs are slow and inexact at half-precision matmuls
-    delta = weight_b[:, :k].float() @ weight_a[:k].float()
-    delta = delta * (module.scaling[adapter] * state.scale_at(k))
+    delta = (weight_b[:, :k].float() * state.gains(k, weight_b.device, torch.float32)) @ weight_a[:k].float()
+    delta = delta * module.scaling[adapter]
     return transpose(delta.to(dtype), module.fan_in_fan_out)
+
+
+def _scale_columns(value: torch.Tensor, weights: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """`value * weights` (or `/`) over the last dim, in fp32; a DTensor sharded along its rows scales its shard."""
+    local = value.to_local() if hasattr(value, "to_local") else value
+    weights = weights.to(local.device, torch.float32)
+    scaled = (local.float() / weights if inverse else local.float() * weights).to(local.dtype)
+    if local is value:
+        return scaled
+    if any(getattr(p, "dim", None) == value.dim() - 1 for p in value.placements):
+        raise NotImplementedError("lora_B sharded along the rank dimension is not supported with component weights")
+    return type(value).from_local(scaled, value.device_mesh, value.placements, shape=value.shape)
+
+
+def _fold_on_save(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = _scale_columns(state_dict[key].detach(), module.elastic_component_weights, inverse=False)
+
+
+def _unfold_on_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    key = prefix + "weight"
+    if key in state_dict:
+        state_dict[key] = _scale_columns(state_dict[key], module.elastic_component_weights, inverse=True)
+
+
+def _attach_component_weights(lora_b: nn.Linear, weights: list[float]) -> None:
+    """Make `lora_B`'s state dict hold `B = param * c` (and loading divide by `c`), so checkpoints are plain LoRA."""
+    first = not hasattr(lora_b, "elastic_component_weights")
+    lora_b.elastic_component_weights = torch.tensor(weights, dtype=torch.float32)
+    if first:
+        # public since torch 2.5; the private name has the same signature in 2.4
+        register = getattr(lora_b, "register_state_dict_post_hook", None) or lora_b._register_state_dict_hook
+        register(_fold_on_save)
+        lora_b.register_load_state_dict_pre_hook(_unfold_on_load)
 
 
 class ElasticVariant(LoraVariant):
@@ -181,7 +238,10 @@ class ElasticVariant(LoraVariant):
         if not hasattr(module, "elastic_state"):
             module.elastic_state = {}
         target_name = kwargs.get("target_name") or getattr(module, "elastic_target_name", "")
-        module.elastic_state[adapter_name] = ElasticState.from_config(config, module.r[adapter_name], target_name)
+        state = ElasticState.from_config(config, module.r[adapter_name], target_name)
+        module.elastic_state[adapter_name] = state
+        if state.weighted:
+            _attach_component_weights(module.lora_B[adapter_name], state.weights)
 
     @staticmethod
     def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -216,12 +276,14 @@ class ElasticVariant(LoraVariant):
             h = lora_a(dropout(x))  # (B, ..., r)
             return result + lora_b(h * state.training_mask(h)) * scaling
         k = _effective_rank(state, state.rank)
-        if k == state.r:
+        if k == state.r and not state.weighted:
             return result + lora_b(lora_a(dropout(x))) * scaling
         if k == 0:
             return result
         h = F.linear(dropout(x), lora_a.weight[:k])  # (B, ..., k)
-        return result + F.linear(h, lora_b.weight[:, :k]) * (scaling * state.scale_at(k))
+        if not state.weighted:
+            return result + F.linear(h, lora_b.weight[:, :k]) * (scaling * state.scale_at(k))
+        return result + F.linear(h * state.gains(k, h.device, h.dtype), lora_b.weight[:, :k]) * scaling
 
 
 class ElasticLayerMixin:

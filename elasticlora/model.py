@@ -35,13 +35,12 @@ def is_elastic_adapter(adapter_dir: str | Path) -> bool:
 def elastic_config_from_dir(adapter_dir: str | Path, **overrides) -> ElasticLoraConfig:
     """An ElasticLoraConfig for a saved adapter.
 
-    A plain LoRA gets `rank_sampler='none'` and `truncation_scale_power=0`: its components were trained under one
-    scale, so a truncation keeps that scale (unless overridden).
+    A plain LoRA gets `rank_sampler='none'` and `truncation_scale_power=0` (every component weighs 1): its
+    components were trained under one scale, so a truncation keeps that scale (unless overridden).
     """
     raw = read_adapter_config(adapter_dir)
     if not any(name in raw for name in ELASTIC_FIELDS):
-        raw["rank_sampler"] = "none"
-        raw["truncation_scale_power"] = 0.0
+        raw.update(rank_sampler="none", truncation_scale_power=0.0, truncation_scaling="prefix")
     known = ElasticLoraConfig.__dataclass_fields__
     kwargs = {k: v for k, v in raw.items() if k in known and known[k].init}
     kwargs.update(overrides)

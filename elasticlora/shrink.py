@@ -92,11 +92,12 @@ def svd_reorder(model: nn.Module, adapter_name: str | None = None) -> None:
     adapter = active_adapter_name(model, adapter_name)
     for layer in elastic_layers(model).values():
         weight_a, weight_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        q_b, r_b = torch.linalg.qr(weight_b.float())  # (out, r), (r, r)
+        weights = layer.elastic_state[adapter].gains(weight_b.shape[1], weight_b.device, torch.float32)
+        q_b, r_b = torch.linalg.qr(weight_b.float() * weights)  # (out, r), (r, r)
         q_a, r_a = torch.linalg.qr(weight_a.float().T)  # (in, r), (r, r)
         u, s, vh = torch.linalg.svd(r_b @ r_a.T)
         root = s.sqrt()
-        weight_b.copy_((q_b @ u * root).to(weight_b.dtype))
+        weight_b.copy_((q_b @ u * root / weights).to(weight_b.dtype))
         weight_a.copy_((root[:, None] * (vh @ q_a.T)).to(weight_a.dtype))
 
 

@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--max-rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is ~2x faster on CPU)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))

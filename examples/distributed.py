@@ -138,6 +138,10 @@ def main() -> None:
         if args.report:
             args.report.write_text(json.dumps(everyone, indent=2))
     if distributed:
+        # Free FSDP/DDP state (and the process-group references it holds) before the group goes: a gloo worker
+        # thread still alive at interpreter exit aborts the process ("terminate called without an active exception").
+        del model
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="path or hub id; 'tiny': a random test model")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-rank", type=int, default=32)
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--tolerance", type=float, default=0.01)

@@ -65,16 +65,25 @@ class Bench:
         train_steps(model, self.train, self.args.steps, lr, seed=seed, autocast_dtype=BF16, desc=desc)
         return model, time.time() - start
 
+    def dev_loss(self, model, ranks=None) -> float:
+        with at_ranks(model, ranks) if ranks is not None else contextlib.nullcontext():
+            return eval_loss(model, self.dev, autocast_dtype=BF16)
+
     def test_loss(self, model, ranks=None) -> float:
         with at_ranks(model, ranks) if ranks is not None else contextlib.nullcontext():
             return eval_loss(model, self.test, autocast_dtype=BF16)
 
-    def sweep(self, make_config, name: str, lrs: list[float] | None = None):
-        """Train at every lr (default: --lrs); keep the model with the best dev loss (at full rank)."""
+    def sweep(self, make_config, name: str, lrs: list[float] | None = None, ranks: list[int] | None = None):
+        """Train at every lr (default: --lrs); keep the model with the best dev loss.
+
+        A LoRA is judged at full rank; an elastic model (`ranks` given) by its best uniform truncation on dev, since
+        what it delivers is a truncation: shrink measures against the best configuration it finds.
+        """
         results, best = [], None
         for lr in self.args.lrs if lrs is None else lrs:
             model, seconds = self.trained(make_config(), lr, 0, f"{name} lr={lr:g}")
-            dev = eval_loss(model, self.dev, autocast_dtype=BF16)
+            with torch.no_grad():
+                dev = min(self.dev_loss(model, k) for k in ranks or [None])
             results.append({"lr": lr, "dev_loss": dev, "train_seconds": seconds})
             print(f"{name} lr={lr:g}: dev {dev:.4f} ({seconds:.0f} s)", flush=True)
             if best is None or dev < best[1]:
@@ -105,8 +114,8 @@ def main() -> None:
                         help="retrain only the plain r_max LoRA at the lr recorded in OUT/benchmark.json and redo its "
                         "truncation and shrink arms")  # fmt: skip
     parser.add_argument("--redo-elastic", action="store_true",
-                        help="redo only the ElasticLoRA arms (sweep over --lrs, seeds, shrink) in OUT/benchmark.json, "
-                        "e.g. after a change of the library's defaults")  # fmt: skip
+                        help="redo only the DyLoRA-style and ElasticLoRA arms (sweep over --lrs, seeds, shrink) in "
+                        "OUT/benchmark.json, e.g. after a change of the library's defaults")  # fmt: skip
     parser.add_argument("--extend-grid", type=float, nargs="+", metavar="LR",
                         help="add these lrs to every grid rank's sweep in OUT/benchmark.json (and redo the plain "
                         "r_max arms if its best lr changes)")  # fmt: skip
@@ -141,25 +150,33 @@ def main() -> None:
     plain_arms(bench, plain_rmax, report)
 
     # 3. DyLoRA-style and 4. ElasticLoRA (library defaults), each with its best lr, run at every uniform k
-    dylora_config = dict(
-        r=r_max, rank_sampler="uniform", shared_draw_prob=1.0, draw_per="batch", truncation_scale_power=1.0,
-        full_rank_prob=0.0, use_rslora=False,
-    )  # fmt: skip
-    dylora, dylora_lr, dylora_sweep = bench.sweep(lambda: ElasticLoraConfig(**dylora_config), "dylora")
-    report["dylora"] = {"lr": dylora_lr, "sweep": dylora_sweep}
-    report["dylora"]["test_loss"] = {k: bench.test_loss(dylora, k) for k in bench.ranks}
+    dylora_arm(bench, report)
     elastic_arms(bench, report)
     report["wall_seconds"] = time.time() - started
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
     write_outputs(report, args.out)
 
 
+def dylora_arm(bench: Bench, report: dict) -> None:
+    """Arm 3: one uniform rank per batch shared by all layers, scale lora_alpha / k (DyLoRA), as a config setting."""
+    dylora_config = dict(
+        r=bench.args.max_rank, rank_sampler="uniform", shared_draw_prob=1.0, draw_per="batch",
+        truncation_scale_power=1.0, truncation_scaling="prefix", full_rank_prob=0.0, use_rslora=False,
+    )  # fmt: skip
+    dylora, dylora_lr, dylora_sweep = bench.sweep(
+        lambda: ElasticLoraConfig(**dylora_config), "dylora", ranks=bench.ranks
+    )
+    report["dylora"] = {"lr": dylora_lr, "sweep": dylora_sweep}
+    report["dylora"]["test_loss"] = {k: bench.test_loss(dylora, k) for k in bench.ranks}
+
+
 def elastic_arms(bench: Bench, report: dict) -> None:
     """Arm 4 (ElasticLoRA with the library defaults, best lr, every uniform k, other seeds) and 5 (its shrink)."""
     r_max = bench.args.max_rank
-    elastic, elastic_lr, elastic_sweep = bench.sweep(lambda: ElasticLoraConfig(r=r_max), "elastic")
+    elastic, elastic_lr, elastic_sweep = bench.sweep(lambda: ElasticLoraConfig(r=r_max), "elastic", ranks=bench.ranks)
     elastic_seconds = next(s["train_seconds"] for s in elastic_sweep if s["lr"] == elastic_lr)
     report["elastic"] = {"lr": elastic_lr, "sweep": elastic_sweep, "train_seconds": elastic_seconds}
+    report["elastic"]["config"] = ElasticLoraConfig(r=r_max).to_dict()
     report["elastic"]["test_loss"] = {k: bench.test_loss(elastic, k) for k in bench.ranks}
     spread = {}
     for seed in bench.args.seeds[1:]:
@@ -235,6 +252,7 @@ def redo(args) -> None:
         plain_arms(bench, plain_rmax, report)
         report["plain_redone"] = str(date.today())
     if args.redo_elastic:
+        dylora_arm(bench, report)
         elastic_arms(bench, report)
         report["elastic_redone"] = str(date.today())
     path.write_text(json.dumps(report, indent=2))
@@ -292,7 +310,12 @@ def write_outputs(report: dict, out: Path) -> None:
         f"{report['machine']}, {report['date']}; {report['settings']['steps']} steps x batch "
         f"{report['settings']['batch_size']}, lrs {report['settings']['lrs']}; test-split eval loss "
         f"(base model {report['base_test_loss']:.3f})"
-        + "".join(f"; grid also swept at lr {lr:g} ({day})" for lr, day in report.get("grid_extended", [])),
+        + "".join(f"; grid also swept at lr {lr:g} ({day})" for lr, day in report.get("grid_extended", []))
+        + (
+            f"; DyLoRA-style and ElasticLoRA arms redone {report['elastic_redone']}"
+            if "elastic_redone" in report
+            else ""
+        ),
         "",
         "| rank k | LoRA at k (lr) | plain r_max SVD | plain r_max prefix | DyLoRA-style | ElasticLoRA |",
         "|---|---|---|---|---|---|",

@@ -7,24 +7,18 @@ held-out rows, for choosing) and `test` (the other 150, for reporting). `--grid-
 each of those ranks, and the SVD truncations of the plain LoRA at `--max-rank`, as references from the same run.
 Runs on the GPU when there is one; the JSON is rewritten after every run, so a cut-off study keeps what it did.
 
-An arm is a comma-separated list of ElasticLoraConfig fields, or `default` for the library's defaults. One more
-item, `component_power=P`, prototypes a scaling that is not in the library: rank component j is weighted by
-c_j = r^(1-P) ((j+1)^P - j^P) on top of the prefix scale, so the first k components together weigh r^(1-P) k^P
-(with Adam, a prefix of rank k then moves about as fast as an rsLoRA of rank k for P = 0.5, while every prefix
-stays a plain sum of its components). It patches the training masks and, after training, folds c into lora_B:
-
-    python scripts/sampling_study.py --lrs 2e-3 --seeds 0 1 2 \
-        --arms component_power=0.5,shared_draw_prob=0.5,truncation_scale_power=0
+An arm is a comma-separated list of ElasticLoraConfig fields, or `default` for the library's defaults; `--shrink`
+also shrinks every elastic run at the given tolerances (on dev) and reports its parameters and test loss:
 
     python scripts/sampling_study.py --grid-ranks 1 2 4 8 16 32 --lrs 5e-4 1e-3 2e-3 \\
-        --arms default shared_draw_prob=0.5 shared_draw_prob=0.5,truncation_scale_power=0.5 \\
+        --arms default shared_draw_prob=0 truncation_scaling=prefix,truncation_scale_power=1,shared_draw_prob=0 \\
         --out outputs/sampling_study.json
+    python scripts/sampling_study.py --lrs 2e-3 --seeds 0 1 2 --shrink 0.005 0.01 --out outputs/study_seeds.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import platform
@@ -35,12 +29,10 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-import elasticlora.layer
 from elasticlora import ElasticLoraConfig, at_ranks
 from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss
 from elasticlora.loading import load_model_and_tokenizer
-from elasticlora.ranks import elastic_layers
 from elasticlora.shrink import shrink, svd_reorder
 from elasticlora.train import train_steps
 
@@ -54,47 +46,10 @@ def parse_arm(spec: str) -> dict:
     kwargs = {}
     for item in spec.split(","):
         key, sep, value = item.partition("=")
-        if not sep or key not in (*ElasticLoraConfig.__dataclass_fields__, "component_power"):
+        if not sep or key not in ElasticLoraConfig.__dataclass_fields__:
             raise SystemExit(f"bad arm item {item!r}: expected FIELD=VALUE with an ElasticLoraConfig field")
         kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     return kwargs
-
-
-def component_weights(r: int, power: float) -> torch.Tensor:
-    """c_j = r^(1-P) ((j+1)^P - j^P) for j < r: the first k components weigh r^(1-P) k^P together."""
-    j = torch.arange(r, dtype=torch.float64)
-    return r ** (1 - power) * ((j + 1) ** power - j**power)
-
-
-@contextlib.contextmanager
-def component_scaling(power: float | None):
-    """Prototype (not in the library): weight the training masks' rank components by `component_weights`."""
-    if power is None:
-        yield
-        return
-    tables = elasticlora.layer.ElasticState._device_tables
-
-    def weighted(state, device, dtype):
-        key = ("weighted", device, dtype)
-        if key not in state._tables:
-            cdf, masks = tables(state, device, dtype)
-            weights = component_weights(state.r, power).to(device)
-            state._tables[key] = (cdf, (masks.double() * weights).to(dtype))
-        return state._tables[key]
-
-    elasticlora.layer.ElasticState._device_tables = weighted
-    try:
-        yield
-    finally:
-        elasticlora.layer.ElasticState._device_tables = tables
-
-
-@torch.no_grad()
-def fold_component_weights(model, power: float) -> None:
-    """Fold c into lora_B, so the eval path (which slices and does not weight) computes the trained adapter."""
-    for layer in elastic_layers(model).values():
-        weight = layer.lora_B["default"].weight
-        weight.mul_(component_weights(weight.shape[1], power).to(weight.device, weight.dtype))
 
 
 def main() -> None:
@@ -145,14 +100,11 @@ def main() -> None:
                     out[split][k] = eval_loss(model, batches, autocast_dtype=bf16)
         return out
 
-    def run(name: str, config: ElasticLoraConfig, lr: float, seed: int, ks: list[int], power=None) -> None:
+    def run(name: str, config: ElasticLoraConfig, lr: float, seed: int, ks: list[int]) -> None:
         torch.manual_seed(seed)
         model = get_peft_model(copy.deepcopy(base), config)
         start = time.time()
-        with component_scaling(power):
-            train_steps(model, train, args.steps, lr, seed=seed, autocast_dtype=bf16, progress=False)
-        if power is not None:
-            fold_component_weights(model, power)
+        train_steps(model, train, args.steps, lr, seed=seed, autocast_dtype=bf16, progress=False)
         entry = {"arm": name, "lr": lr, "seed": seed, "seconds": time.time() - start, **curves(model, ks)}
         for tolerance in args.shrink if len(ks) > 1 else []:
             result = shrink(model, splits["dev"], tolerance=tolerance, autocast_dtype=bf16, progress=False)
@@ -181,10 +133,8 @@ def main() -> None:
                     [r],
                 )
         for name, kwargs in arms.items():
-            kwargs = dict(kwargs)
-            power = kwargs.pop("component_power", None)
             for lr in args.lrs:
-                run(name, ElasticLoraConfig(r=args.max_rank, **kwargs), lr, seed, ranks, power)
+                run(name, ElasticLoraConfig(r=args.max_rank, **kwargs), lr, seed, ranks)
     print(f"wrote {args.out}")
 
 

@@ -15,11 +15,19 @@ def mixed_ranks(model):
     return {name: choices[i % len(choices)] for i, name in enumerate(elastic_layers(model))}
 
 
+SCALINGS = [
+    {"truncation_scale_power": 0.0, "truncation_scaling": "prefix"},
+    {"truncation_scale_power": 0.5, "truncation_scaling": "prefix"},
+    {"truncation_scale_power": 1.0, "truncation_scaling": "prefix"},
+    {"truncation_scale_power": 0.5, "truncation_scaling": "component"},
+]
+
+
 @pytest.mark.parametrize("pad", [False, True], ids=["rank_pattern", "padded"])
-@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("scaling", SCALINGS, ids=["pow0", "pow0.5", "pow1", "component0.5"])
 @pytest.mark.parametrize("model_id", sorted(MODELS))
-def test_export_reloads_in_plain_peft_with_identical_outputs(model_id, power, pad, tmp_path, input_ids):
-    model = get_peft_model(MODELS[model_id](), ElasticLoraConfig(r=8, truncation_scale_power=power))
+def test_export_reloads_in_plain_peft_with_identical_outputs(model_id, scaling, pad, tmp_path, input_ids):
+    model = get_peft_model(MODELS[model_id](), ElasticLoraConfig(r=8, **scaling))
     randomize_lora(model)
     ranks = mixed_ranks(model)
     with torch.no_grad(), at_ranks(model.eval(), ranks):

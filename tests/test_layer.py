@@ -8,6 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, load_elastic, set_ranks
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
+COMPONENT = dict(truncation_scaling="component", truncation_scale_power=0.5)
 
 
 def elastic_model(model_id="llama", **kwargs):
@@ -34,19 +35,24 @@ def test_disabled_adapter_equals_base_model(model_id, input_ids):
         assert torch.equal(model(input_ids).logits, base(input_ids).logits)
 
 
+@pytest.mark.parametrize("scaling", [{"truncation_scaling": "prefix"}, COMPONENT], ids=["prefix", "component"])
 @pytest.mark.parametrize("model_id", sorted(MODELS))
-def test_full_rank_eval_equals_plain_peft_lora(model_id, input_ids):
-    model = elastic_model(model_id).eval()
+def test_full_rank_eval_equals_plain_peft_lora(model_id, scaling, input_ids):
+    """At full rank the elastic layer is the PEFT LoRA layer holding its state dict (exactly, under prefix scaling)."""
+    model = elastic_model(model_id, **scaling).eval()
     plain = plain_copy(model)
     with torch.no_grad():
-        assert torch.equal(model(input_ids).logits, plain(input_ids).logits)
+        if scaling == COMPONENT:  # the weights multiply h rather than sit in B: other fp32 rounding
+            assert torch.allclose(model(input_ids).logits, plain(input_ids).logits, atol=1e-6)
+        else:
+            assert torch.equal(model(input_ids).logits, plain(input_ids).logits)
         assert not torch.equal(model(input_ids).logits, MODELS[model_id]()(input_ids).logits)
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_rank_k_equals_peft_lora_sliced_to_k(k, power, input_ids):
-    model = elastic_model(truncation_scale_power=power).eval()
+    model = elastic_model(truncation_scale_power=power, truncation_scaling="prefix").eval()
     # a rank-k rsLoRA with the same scale: alpha_k / sqrt(k) == 16 / sqrt(8) * (8 / k) ** power
     alpha_k = 16 / 8**0.5 * (8 / k) ** power * k**0.5
     plain = get_peft_model(
@@ -67,9 +73,10 @@ def test_rank_zero_drops_the_adapter(input_ids):
         assert torch.equal(model(input_ids).logits, tiny_llama()(input_ids).logits)
 
 
-def test_each_example_trains_its_own_drawn_rank():
+@pytest.mark.parametrize("scaling", [{}, COMPONENT], ids=["prefix", "component"])
+def test_each_example_trains_its_own_drawn_rank(scaling):
     """In training mode example b of a batch sees exactly the adapter truncated to its drawn rank k_b."""
-    model = elastic_model(full_rank_prob=0.0)
+    model = elastic_model(full_rank_prob=0.0, **scaling)
     layer = elastic_layers(model)[Q_PROJ]
     state = layer.elastic_state["default"]
     x = torch.randn(16, 5, layer.in_features)
@@ -176,15 +183,47 @@ def test_merge_then_unmerge_restores_base_weights():
     assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
 
 
+@pytest.mark.parametrize("scaling", [{}, COMPONENT], ids=["prefix", "component"])
 @pytest.mark.parametrize("model_id", sorted(MODELS))
-def test_save_then_plain_peft_load_gives_identical_outputs(model_id, tmp_path, input_ids):
-    model = elastic_model(model_id).eval()
+def test_save_then_plain_peft_load_gives_identical_outputs(model_id, scaling, tmp_path, input_ids):
+    model = elastic_model(model_id, **scaling).eval()
     model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="rank_sampler"):
         plain = PeftModel.from_pretrained(MODELS[model_id](), tmp_path)
     assert type(plain.peft_config["default"]) is LoraConfig
     with torch.no_grad():
-        assert torch.equal(plain(input_ids).logits, model(input_ids).logits)
+        assert torch.allclose(plain(input_ids).logits, model(input_ids).logits, atol=1e-6)
+
+
+def test_component_weights_fold_into_the_saved_b_and_unfold_on_reload(tmp_path, input_ids):
+    """Component j weighs c_j; the parameter holds B / c, the state dict B, and a reload restores the parameter."""
+    model = elastic_model(**COMPONENT).eval()
+    layer = elastic_layers(model)[Q_PROJ]
+    weights = torch.tensor(ElasticLoraConfig(r=8, **COMPONENT).component_weights())
+    assert weights[0] == pytest.approx(8**0.5) and weights.sum() == pytest.approx(8)
+    param = layer.lora_B["default"].weight
+    saved = model.state_dict()[f"base_model.model.{Q_PROJ}.lora_B.default.weight"]
+    assert torch.allclose(saved, param * weights, atol=1e-7)
+    model.save_pretrained(tmp_path)
+    reloaded = load_elastic(tiny_llama(), tmp_path, is_trainable=True)
+    assert torch.allclose(elastic_layers(reloaded)[Q_PROJ].lora_B["default"].weight, param, atol=1e-7)
+    for k in (1, 3, 8):  # equal up to the fp32 rounding of B * c / c
+        with torch.no_grad(), at_ranks(model, k), at_ranks(reloaded.eval(), k):
+            assert torch.allclose(reloaded(input_ids).logits, model(input_ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_component_scaling_rank_k_is_the_plain_sum_of_saved_components(k, input_ids):
+    """Under component scaling the rank-k adapter is the saved B[:, :k] A[:k] at the full-rank scale."""
+    model = elastic_model(**COMPONENT).eval()
+    plain = get_peft_model(
+        tiny_llama(), LoraConfig(r=k, lora_alpha=16 / 8**0.5 * k**0.5, use_rslora=True, target_modules="all-linear")
+    )
+    plain.load_state_dict(
+        {n: (p[:k] if "lora_A" in n else p[:, :k]) if "lora_" in n else p for n, p in model.state_dict().items()}
+    )
+    with torch.no_grad(), at_ranks(model, k):  # the weights multiply h, not the output: other fp32 rounding
+        assert torch.allclose(model(input_ids).logits, plain.eval()(input_ids).logits, atol=1e-5)
 
 
 def test_save_then_elastic_reload_keeps_ranks_and_resumes_training(tmp_path, input_ids):
@@ -193,8 +232,8 @@ def test_save_then_elastic_reload_keeps_ranks_and_resumes_training(tmp_path, inp
     reloaded = load_elastic(tiny_llama(), tmp_path, is_trainable=True)
     config = reloaded.peft_config["default"]
     assert (config.full_rank_prob, config.truncation_scale_power) == (0.1, 0.5)
-    with torch.no_grad(), at_ranks(model, 2), at_ranks(reloaded, 2):
-        assert torch.equal(reloaded.eval()(input_ids).logits, model(input_ids).logits)
+    with torch.no_grad(), at_ranks(model, 2), at_ranks(reloaded, 2):  # up to the rounding of B * c / c
+        assert torch.allclose(reloaded.eval()(input_ids).logits, model(input_ids).logits, atol=1e-5)
     reloaded.train()
     reloaded(input_ids, labels=input_ids).loss.backward()
     layer = elastic_layers(reloaded)[Q_PROJ]

@@ -156,7 +156,7 @@ def test_allocation_path_is_monotone_and_orders_by_price():
 
 
 def test_svd_reorder_keeps_the_product_and_orders_components():
-    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6, rank_sampler="none"))
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6, rank_sampler="none", truncation_scale_power=0.0))
     randomize_lora(model)
     layer = elastic_layers(model)["model.layers.0.mlp.up_proj"]
     before = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
@@ -168,3 +168,15 @@ def test_svd_reorder_keeps_the_product_and_orders_components():
     # prefix 2 is the best rank-2 approximation (Eckart-Young)
     s = torch.linalg.svdvals(before)
     assert float((before - b[:, :2] @ a[:2]).norm()) == pytest.approx(math.sqrt(float((s[2:] ** 2).sum())), rel=1e-4)
+
+
+def test_svd_reorder_keeps_the_weighted_product_under_component_scaling(input_ids):
+    model = get_peft_model(
+        tiny_llama(), ElasticLoraConfig(r=6, truncation_scaling="component", truncation_scale_power=0.5)
+    )
+    randomize_lora(model)
+    with torch.no_grad():
+        before = model.eval()(input_ids).logits
+    svd_reorder(model)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids).logits, before, atol=1e-5)
