@@ -220,10 +220,16 @@ def _unfold_on_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any
 
 
 def _attach_component_weights(lora_b: nn.Linear, weights: list[float]) -> None:
-    """Make `lora_B`'s state dict hold `B = param * c` (and loading divide by `c`), so checkpoints are plain LoRA."""
+    """Make `lora_B`'s state dict hold `B = param * c` (and loading divide by `c`), so checkpoints are plain LoRA.
+
+    The parameter PEFT just initialised becomes `B / c`, so the update at init is the one `init_lora_weights` asked
+    for (zero by default; PiSSA, OLoRA, random B and the like keep their meaning).
+    """
     first = not hasattr(lora_b, "elastic_component_weights")
     lora_b.elastic_component_weights = torch.tensor(weights, dtype=torch.float32)
     if first:
+        with torch.no_grad():
+            lora_b.weight.copy_(_scale_columns(lora_b.weight, lora_b.elastic_component_weights, inverse=True))
         # public since torch 2.5; the private name has the same signature in 2.4
         register = getattr(lora_b, "register_state_dict_post_hook", None) or lora_b._register_state_dict_hook
         register(_fold_on_save)

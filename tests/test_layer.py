@@ -212,6 +212,21 @@ def test_component_weights_fold_into_the_saved_b_and_unfold_on_reload(tmp_path, 
             assert torch.allclose(reloaded(input_ids).logits, model(input_ids).logits, atol=1e-5)
 
 
+def test_component_scaling_keeps_the_update_peft_initialised(input_ids):
+    """A non-zero init (here random B) means the same adapter under component weights as in plain PEFT."""
+    torch.manual_seed(0)
+    plain = get_peft_model(
+        tiny_llama(),
+        LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear", init_lora_weights=False),
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, init_lora_weights=False, **COMPONENT))
+    expected = plain.state_dict()
+    assert all(torch.allclose(v, expected[n], atol=1e-6) for n, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(input_ids).logits, plain.eval()(input_ids).logits, atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_component_scaling_rank_k_is_the_plain_sum_of_saved_components(k, input_ids):
     """Under component scaling the rank-k adapter is the saved B[:, :k] A[:k] at the full-rank scale."""
