@@ -282,8 +282,9 @@ class ElasticVariant(LoraVariant):
             h = lora_a(dropout(x))  # (B, ..., r)
             return result + lora_b(h * state.training_mask(h)) * scaling
         k = _effective_rank(state, state.rank)
-        if k == state.r and not state.weighted:
-            return result + lora_b(lora_a(dropout(x))) * scaling
+        if k == state.r:  # through the lora_A module, whose output hook `shrink.sensitivity` reads
+            h = lora_a(dropout(x))
+            return result + lora_b(h * state.gains(k, h.device, h.dtype) if state.weighted else h) * scaling
         if k == 0:
             return result
         h = F.linear(dropout(x), lora_a.weight[:k])  # (B, ..., k)

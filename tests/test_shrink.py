@@ -8,13 +8,13 @@ from peft import get_peft_model
 from elasticlora import ElasticLoraConfig, adapter_param_count, at_ranks, elastic_layers
 from elasticlora.data import make_batches
 from elasticlora.evaluate import eval_loss
-from elasticlora.shrink import allocation_path, shrink, svd_reorder, within_tolerance
+from elasticlora.shrink import allocation_path, sensitivity, shrink, svd_reorder, within_tolerance
 
 SIGNAL = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
 
 
-@pytest.fixture(scope="module")
-def toy_task():
+@pytest.fixture(scope="module", params=["prefix", "component"])
+def toy_task(request):
     """An adapter that matters only in two modules, and eval data sampled from base + that signal.
 
     The signal modules carry a strong rank-2 update in their first two components; every other module carries only
@@ -23,9 +23,11 @@ def toy_task():
     base = tiny_llama(layers=2)
     with torch.no_grad():
         base.lm_head.weight.mul_(100)  # a peaked next-token distribution, so the signal shows in the loss
+    # prefix, power 0: one scale, a plain decomposition; component: the default weights on the same parameters
+    power = 0.0 if request.param == "prefix" else 0.5
     model = get_peft_model(
-        base, ElasticLoraConfig(r=8, truncation_scale_power=0.0)
-    )  # one scale: a plain decomposition
+        base, ElasticLoraConfig(r=8, truncation_scale_power=power, truncation_scaling=request.param)
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, layer in elastic_layers(model).items():
@@ -180,3 +182,16 @@ def test_svd_reorder_keeps_the_weighted_product_under_component_scaling(input_id
     svd_reorder(model)
     with torch.no_grad():
         assert torch.allclose(model(input_ids).logits, before, atol=1e-5)
+
+
+def test_sensitivity_reads_the_weighted_components(input_ids):
+    """Component weights or the same update held as plain weights: the same first-order truncation costs."""
+    weighted = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6, truncation_scaling="component"))
+    randomize_lora(weighted)
+    plain = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6, truncation_scale_power=0.0))
+    plain.load_state_dict(weighted.state_dict())  # B * c, as plain PEFT would load it
+    batches = make_batches([{"input_ids": row.tolist(), "labels": row.tolist()} for row in input_ids], 2, 0)
+    got, expected = (sensitivity(m, batches, progress=False) for m in (weighted, plain))
+    assert any(c.abs().sum() > 0 for c in expected.values())
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], rtol=1e-3, atol=1e-9), name
