@@ -61,6 +61,7 @@ def main() -> None:
     prompts = [row["prompt"] for row in eval_rows[:3] if "prompt" in row]
     before = generate(base, tokenizer, prompts)
 
+    torch.manual_seed(0)  # the adapter's initialisation; training seeds its own data order and draws
     model = get_peft_model(base, ElasticLoraConfig(r=args.max_rank))
     train = eval_batches(tokenizer, args.data, batch_size=args.batch_size)
     train_steps(model, train, args.steps, args.lr, autocast_dtype=autocast, desc="elastic training")
