@@ -38,6 +38,8 @@ from peft.utils.other import transpose
 from .config import ElasticLoraConfig
 
 _MASK64 = (1 << 64) - 1
+# the last call's draws from the stream every layer shares (see `ElasticState._shared_uniforms`)
+_SHARED_STREAM: dict[str, Any] = {}
 
 
 def _splitmix64(x: int) -> int:
@@ -134,6 +136,16 @@ class ElasticState:
         generator.manual_seed(seed & ((1 << 63) - 1))
         return generator
 
+    def _shared_uniforms(self, n_draws: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key-0 stream's draws for this call (the quantile, then the share test): the same in every layer, so
+        the first layer of a forward pass draws them and the others reuse them."""
+        key = (torch.initial_seed(), _process_rank(), self.calls, n_draws, device)
+        if _SHARED_STREAM.get("key") != key:
+            shared = self._generator(0, device)
+            uniforms = tuple(torch.rand(n_draws, generator=shared, device=device) for _ in range(2))
+            _SHARED_STREAM.update(key=key, uniforms=uniforms)
+        return _SHARED_STREAM["uniforms"]
+
     def draw(self, n_draws: int, device: torch.device) -> torch.Tensor:
         """Indices into `support`, one per draw; reused as-is while gradient checkpointing recomputes.
 
@@ -148,12 +160,8 @@ class ElasticState:
         if self.shared_prob < 1.0:
             u = torch.rand(n_draws, generator=self._generator(self.layer_key, device), device=device)
         if self.shared_prob > 0.0:
-            shared = self._generator(0, device)
-            u_shared = torch.rand(n_draws, generator=shared, device=device)
-            if self.shared_prob < 1.0:
-                u = torch.where(torch.rand(n_draws, generator=shared, device=device) < self.shared_prob, u_shared, u)
-            else:
-                u = u_shared
+            u_shared, u_share = self._shared_uniforms(n_draws, device)
+            u = torch.where(u_share < self.shared_prob, u_shared, u) if self.shared_prob < 1.0 else u_shared
         self.last_draw = torch.searchsorted(cdf, u, right=True).clamp_(max=len(self.support) - 1)
         return self.last_draw
 
@@ -204,7 +212,9 @@ def _scale_columns(value: torch.Tensor, weights: torch.Tensor, inverse: bool) ->
         return scaled
     if any(getattr(p, "dim", None) == value.dim() - 1 for p in value.placements):
         raise NotImplementedError("lora_B sharded along the rank dimension is not supported with component weights")
-    return type(value).from_local(scaled, value.device_mesh, value.placements, shape=value.shape)
+    return type(value).from_local(
+        scaled, value.device_mesh, value.placements, shape=value.shape, stride=value.stride()
+    )
 
 
 def _fold_on_save(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

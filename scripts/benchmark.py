@@ -82,8 +82,7 @@ class Bench:
         results, best = [], None
         for lr in self.args.lrs if lrs is None else lrs:
             model, seconds = self.trained(make_config(), lr, 0, f"{name} lr={lr:g}")
-            with torch.no_grad():
-                dev = min(self.dev_loss(model, k) for k in ranks or [None])
+            dev = min(self.dev_loss(model, k) for k in ranks or [None])
             results.append({"lr": lr, "dev_loss": dev, "train_seconds": seconds})
             print(f"{name} lr={lr:g}: dev {dev:.4f} ({seconds:.0f} s)", flush=True)
             if best is None or dev < best[1]:

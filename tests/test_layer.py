@@ -280,3 +280,25 @@ def test_a_plain_lora_loaded_elastically_truncates_without_rescaling(tmp_path, i
     )
     with torch.no_grad(), at_ranks(elastic.eval(), 3):
         assert torch.allclose(elastic(input_ids).logits, sliced.eval()(input_ids).logits, atol=1e-6)
+
+
+def test_component_weights_fold_a_row_sharded_dtensor():
+    """FSDP2 shards lora_B by rows: save/load hooks scale each shard and keep the DTensor layout."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from elasticlora.layer import _scale_columns
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight, weights = torch.randn(6, 4), torch.tensor([2.0, 1.0, 0.5, 0.25])
+        folded = _scale_columns(distribute_tensor(weight, mesh, [Shard(0)]), weights, inverse=False)
+        assert folded.placements == (Shard(0),)
+        assert torch.allclose(folded.full_tensor(), weight * weights)
+        assert torch.allclose(_scale_columns(folded, weights, inverse=True).full_tensor(), weight)
+        with pytest.raises(NotImplementedError, match="rank dimension"):
+            _scale_columns(distribute_tensor(weight, mesh, [Shard(1)]), weights, inverse=False)
+    finally:
+        dist.destroy_process_group()
