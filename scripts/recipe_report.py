@@ -1,0 +1,116 @@
+"""Tables and plots for scripts/recipe_study.py: one PNG per (task, steps), one markdown file per study JSON.
+
+Each arm's learning rate is chosen on dev, at seed 0: an elastic arm by its mean dev loss over the uniform ranks (what
+it delivers is every truncation), plain LoRA at r_max by its full rank, a grid LoRA at its rank. Numbers are test
+loss at that lr, the mean over the seeds run there, with the spread (max - min) when there are several.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def _mean_dev(entry: dict) -> float:
+    curve = entry.get("svd", entry)["dev"] if entry["arm"] != "lora" else entry["dev"]
+    return statistics.mean(curve.values())
+
+
+def chosen(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """(task, steps, arm) -> the runs (all seeds) at the lr chosen on dev at seed 0."""
+    by_arm = defaultdict(list)
+    for entry in runs:
+        by_arm[(entry["task"], entry["steps"], entry["arm"])].append(entry)
+    picked = {}
+    for key, entries in by_arm.items():
+        seed0 = [e for e in entries if e["seed"] == 0] or entries
+        lr = min(seed0, key=_mean_dev)["lr"]
+        picked[key] = [e for e in entries if e["lr"] == lr]
+    return picked
+
+
+def summary(entries: list[dict], field: str = "test", curve: str | None = None) -> dict[str, tuple[float, float]]:
+    """rank -> (mean, spread) over seeds of one curve (`curve='svd'` for plain LoRA's SVD truncations)."""
+    values = defaultdict(list)
+    for entry in entries:
+        for k, v in (entry[curve] if curve else entry)[field].items():
+            values[k].append(v)
+    return {k: (statistics.mean(v), max(v) - min(v)) for k, v in values.items()}
+
+
+def _cell(stat: tuple[float, float] | None, n: int) -> str:
+    if stat is None:
+        return ""
+    return f"{stat[0]:.3f}" + (f" ±{stat[1] / 2:.3f}" if n > 1 else "")
+
+
+def write_report(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked = chosen(list(results["runs"].values()))
+    lines = [
+        f"{results.get('machine', '')}. Test loss at the lr chosen on dev (seed 0); mean ±half-spread over seeds.",
+        "",
+    ]
+    for task, steps in sorted({(t, s) for t, s, _ in picked}):
+        arms = {arm: entries for (t, s, arm), entries in picked.items() if (t, s) == (task, steps)}
+        ranks = sorted({int(k) for entries in arms.values() for e in entries for k in e.get("svd", e)["test"]})
+        curves = {}
+        if "lora" in arms:
+            curves["plain LoRA r_max, SVD-truncated"] = (summary(arms["lora"], curve="svd"), arms["lora"])
+        grid = {arm[5:]: summary(entries)[arm[5:]] for arm, entries in arms.items() if arm.startswith("lora@")}
+        if grid:
+            grid[str(ranks[-1])] = summary(arms["lora"])[str(ranks[-1])] if "lora" in arms else None
+            curves["LoRA trained at k (grid)"] = ({k: v for k, v in grid.items() if v}, [])
+        for arm, entries in sorted(arms.items()):
+            if not arm.startswith("lora"):
+                curves[f"elastic: {arm}"] = (summary(entries), entries)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, (curve, _) in curves.items():
+            ks = sorted(curve, key=int)
+            ax.errorbar(
+                [int(k) for k in ks], [curve[k][0] for k in ks], yerr=[curve[k][1] / 2 for k in ks],
+                fmt="o-" if "grid" not in label else "s--", capsize=3, label=label,
+            )  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank k (every module)")
+        ax.set_ylabel("test eval loss")
+        ax.set_title(f"{task}, {steps} steps")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out.parent / f"{task}_{steps}.png", dpi=100)
+        plt.close(fig)
+
+        lines += [f"## {task}, {steps} steps", "", "| arm (lr, seeds) | " + " | ".join(f"k={k}" for k in ranks) + " |"]
+        lines.append("|---" * (len(ranks) + 1) + "|")
+        for label, (curve, entries) in curves.items():
+            lr = f"{entries[0]['lr']:g}, {len(entries)}" if entries else "best lr each"
+            cells = " | ".join(_cell(curve.get(str(k)), len(entries)) for k in ranks)
+            lines.append(f"| {label} ({lr}) | {cells} |")
+        shrunk = [(arm, e) for arm, entries in sorted(arms.items()) for e in entries if "shrink" in e]
+        if shrunk:
+            lines += [
+                "",
+                "| shrink | tolerance | seed | params | test loss | largest rank |",
+                "|---|---|---|---|---|---|",
+            ]
+            for arm, e in shrunk:
+                for tol, s in e["shrink"].items():
+                    cells = f"{float(tol):.1%} | {e['seed']} | {s['params']:,} | {s['test']:.3f} | {s['max_rank']}"
+                    lines.append(f"| {arm} | {cells} |")
+        seconds = {arm: statistics.mean(e["seconds"] for e in entries) for arm, entries in arms.items()}
+        lines += ["", "Training seconds per run: " + ", ".join(f"{a} {s:.0f}" for a, s in sorted(seconds.items())), ""]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    import sys
+
+    path = Path(sys.argv[1])
+    write_report(json.loads(path.read_text()), path)

@@ -1,0 +1,167 @@
+"""Which training recipe makes every prefix of an elastic adapter as good as plain LoRA + SVD truncation?
+
+Trains arms on SmolLM2-135M-Instruct (batch 16, AdamW, 5% warmup then linear decay, fp32 or bf16 autocast) on one of two
+tasks of different kinds, and records eval loss at every uniform rank on a `dev` split (for choosing) and a `test`
+split (for reporting):
+
+- `wordnet`: word -> dictionary definition (elasticlora/data, WordNet 3.0 licence);
+- `cmudict`: spelling -> ARPAbet phonemes (scripts/data, CMU Pronouncing Dictionary, BSD-2-Clause).
+
+An arm is `lora` (plain LoRA at --max-rank, rsLoRA alpha 16: its SVD truncations are recorded too), `lora@K` (plain
+LoRA trained at rank K, the grid), `default` (ElasticLoraConfig() at --max-rank) or comma-separated
+ElasticLoraConfig fields (`distill_weight=1,full_rank_prob=0.5`). Every (task, steps, arm, lr, seed) run is kept in
+the JSON as soon as it ends, and runs already there are skipped, so a cut-off study resumes where it stopped.
+`--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev. `--plot` only redraws.
+
+    python scripts/recipe_study.py --task cmudict --steps 180 --arms lora default distill_weight=1 \\
+        --lrs 1e-3 2e-3 4e-3 --out scripts/results/recipe_study/cmudict.json
+    python scripts/recipe_study.py --plot --out scripts/results/recipe_study/cmudict.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from elasticlora import ElasticLoraConfig, at_ranks
+from elasticlora.data import eval_batches, load_rows
+from elasticlora.evaluate import eval_loss
+from elasticlora.loading import load_model_and_tokenizer
+from elasticlora.shrink import shrink, svd_reorder
+from elasticlora.train import train_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {
+    "wordnet": (
+        ROOT / "elasticlora" / "data" / "wordnet_train.jsonl",
+        ROOT / "elasticlora" / "data" / "wordnet_eval.jsonl",
+    ),
+    "cmudict": (ROOT / "scripts" / "data" / "cmudict_train.jsonl", ROOT / "scripts" / "data" / "cmudict_eval.jsonl"),
+}
+
+
+def arm_config(spec: str, max_rank: int) -> ElasticLoraConfig:
+    """The config an arm spec names (see the module docstring)."""
+    if spec == "lora" or spec.startswith("lora@"):
+        r = max_rank if spec == "lora" else int(spec[5:])
+        return ElasticLoraConfig(r=r, rank_sampler="none", truncation_scale_power=0.0)
+    kwargs = {}
+    for item in [] if spec == "default" else spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ElasticLoraConfig.__dataclass_fields__:
+            raise SystemExit(f"bad arm item {item!r}: expected FIELD=VALUE with an ElasticLoraConfig field")
+        kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return ElasticLoraConfig(r=max_rank, **kwargs)
+
+
+def run_key(task: str, steps: int, arm: str, lr: float, seed: int) -> str:
+    return f"{task}|{steps}|{arm}|{lr:g}|{seed}"
+
+
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.dtype = torch.bfloat16 if args.bf16 else None
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.base, tokenizer = load_model_and_tokenizer("smollm2")
+        self.base.to(self.device)
+        train_path, eval_path = TASKS[args.task]
+        self.train = eval_batches(tokenizer, train_path, batch_size=args.batch_size)
+        rows = load_rows(eval_path)
+        half = len(rows) // 2
+        self.splits = {
+            "dev": eval_batches(tokenizer, rows[:half], 32),
+            "test": eval_batches(tokenizer, rows[half:], 32),
+        }
+        self.ranks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= args.max_rank]
+
+    def curves(self, model, ks) -> dict:
+        out = {split: {} for split in self.splits}
+        for k in ks:
+            with at_ranks(model, k):
+                for split, batches in self.splits.items():
+                    out[split][str(k)] = eval_loss(model, batches, autocast_dtype=self.dtype)
+        return out
+
+    def run(self, arm: str, steps: int, lr: float, seed: int) -> dict:
+        config = arm_config(arm, self.args.max_rank)
+        torch.manual_seed(seed)  # the adapter's initialisation too
+        model = get_peft_model(copy.deepcopy(self.base), config)
+        start = time.time()
+        losses = train_steps(
+            model, self.train, steps, lr, seed=seed, autocast_dtype=self.dtype, progress=False,
+            warmup_steps=max(1, steps // 20),
+        )  # fmt: skip
+        entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
+        entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
+        plain = arm.startswith("lora")
+        entry.update(self.curves(model, [config.r] if plain else self.ranks))
+        if arm == "lora":
+            svd_reorder(model)
+            entry["svd"] = self.curves(model, self.ranks)
+        for tolerance in self.args.shrink if arm == "lora" or not plain else []:
+            result = shrink(model, self.splits["dev"], tolerance=tolerance, autocast_dtype=self.dtype, progress=False)
+            with at_ranks(model, result.ranks):
+                test = eval_loss(model, self.splits["test"], autocast_dtype=self.dtype)
+            entry.setdefault("shrink", {})[str(tolerance)] = {
+                "params": result.params, "dev": result.quality, "test": test, "passes": result.passes,
+                "max_rank": max(result.ranks.values()),
+            }  # fmt: skip
+        return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="wordnet")
+    parser.add_argument("--arms", nargs="*", default=["lora", "default"])
+    parser.add_argument("--steps", type=int, nargs="+", default=[60])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--max-rank", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shrink", type=float, nargs="*", default=[], help="tolerances to shrink at (on dev)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on GPUs and AMX CPUs only)")
+    parser.add_argument("--plot", action="store_true", help="only redraw the PNGs and the table from --out")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+    if args.plot:
+        from recipe_report import write_report
+
+        write_report(results, args.out)
+        return
+    study = Study(args)
+    machine = torch.cuda.get_device_name() if study.device.type == "cuda" else f"{platform.machine()} CPU"
+    results.setdefault("machine", f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    results.setdefault("base", {})[args.task] = {
+        s: eval_loss(study.base, b, autocast_dtype=study.dtype) for s, b in study.splits.items()
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for steps in args.steps:
+        for seed in args.seeds:
+            for arm in args.arms:
+                for lr in args.lrs:
+                    key = run_key(args.task, steps, arm, lr, seed)
+                    if key in results["runs"]:
+                        continue
+                    entry = study.run(arm, steps, lr, seed)
+                    entry.update(task=args.task, date=str(date.today()))
+                    results["runs"][key] = entry
+                    tmp = args.out.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(results, indent=1))
+                    tmp.replace(args.out)
+                    curve = entry.get("svd", entry)["test"]
+                    shown = " ".join(f"{k}:{v:.3f}" for k, v in curve.items())
+                    print(f"{key} ({entry['seconds']:.0f} s) test {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
