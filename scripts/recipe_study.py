@@ -1,6 +1,6 @@
 """Which training recipe makes every prefix of an elastic adapter as good as plain LoRA + SVD truncation?
 
-Trains arms on SmolLM2-135M-Instruct (batch 16, AdamW, 5% warmup then linear decay, fp32 or bf16 autocast) on one of two
+Trains arms on SmolLM2-135M-Instruct (batch 16, AdamW, 5% warmup, linear decay, fp32 or bf16 autocast) on one of two
 tasks of different kinds, and records eval loss at every uniform rank on a `dev` split (for choosing) and a `test`
 split (for reporting):
 
