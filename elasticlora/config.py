@@ -27,7 +27,6 @@ ELASTIC_FIELDS = (
     "draw_per",
     "truncation_scale_power",
     "truncation_scaling",
-    "distill_weight",
 )
 
 
@@ -130,19 +129,6 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
 
-    distill_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": (
-                "Layer-wise self-distillation of the prefixes. When > 0 every example trains the full rank on its "
-                "labels (the forward is a plain LoRA's), and in each layer the prefix of a drawn rank k learns to "
-                "reproduce that layer's full-rank update on the same inputs: a gradient on the first k components "
-                "only, as large as distill_weight times the layer's label gradient relative to its update. 0: "
-                "the drawn ranks run end to end instead (nested dropout on the labels)."
-            )
-        },
-    )
-
     def __post_init__(self):
         super().__post_init__()
         self._validate_elastic_fields()
@@ -165,9 +151,6 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(f"`min_rank` must be a positive int, got {self.min_rank!r}")
         if self.min_rank > self.r:
             raise ValueError(f"`min_rank` ({self.min_rank}) must not exceed the maximum rank `r` ({self.r})")
-        value = self.distill_weight
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
-            raise ValueError(f"`distill_weight` must be a finite number >= 0, got {value!r}")
         for name in ("full_rank_prob", "shared_draw_prob", "truncation_scale_power"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):

@@ -72,7 +72,6 @@ class ElasticState:
     weights: list[float]  # c_j, the fixed weight of component j (all 1 under prefix scaling)
     shared_prob: float
     draw_per: str
-    distill_weight: float = 0.0
     layer_key: int = 0
     rank: int | None = None  # fixed truncation; None = full rank in eval, sampled in training
     merged_rank: int | None = None
@@ -95,7 +94,6 @@ class ElasticState:
             weights=config.component_weights(r),
             shared_prob=config.shared_draw_prob,
             draw_per=config.draw_per,
-            distill_weight=float(config.distill_weight),
             layer_key=zlib.crc32(target_name.encode()),
         )
 
@@ -248,49 +246,6 @@ def _attach_component_weights(lora_b: nn.Linear, weights: list[float]) -> None:
         lora_b.register_load_state_dict_pre_hook(_unfold_on_load)
 
 
-class _PrefixDistill(torch.autograd.Function):
-    """Identity on the layer output `y` whose backward also hands the drawn prefix its distillation gradient.
-
-    For tokens x (N, in), h = A x (N, r), the full update u = scaling * (g * h) B^T and the drawn prefix's
-    u_k = scaling * (m * h) B^T (g: full-rank gains, m: the drawn prefix's gains, zero past k; B the `lora_B`
-    parameter), the local objective is 0.5 * coef * |u_k - sg(u)|^2 with coef = weight * rms(dL/dy) / rms(W0 x): the
-    label gradient this layer sees, relative to the base layer's output, so gradient accumulation, fp16 loss scaling
-    and the loss's own normalisation scale both terms alike, and the pull grows with the adapter's share of the output.
-    Its gradient reaches A[:k] and B[:, :k] only (x is not differentiated, so earlier layers are not pulled), and
-    tokens without label gradient (padding) add none.
-
-    Everything but the A gradient stays in rank space: with t = coef * scaling * (m - g) * h (N, r), the error is
-    u_k - u = t B^T, so dB = scaling * B (t^T (m * h)) and dh = scaling * (t B^T B) * m. The extra cost is one
-    (N, r) x (N, in) matmul for dA plus O(N r^2); nothing is saved that the LoRA matmuls do not save already.
-    """
-
-    @staticmethod
-    def forward(ctx, y, x, h, weight_a, weight_b, gains, mask, scaling, weight):
-        ctx.save_for_backward(x, h, weight_b, gains, mask)
-        ctx.scaling, ctx.weight = scaling, weight
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, h, weight_b, gains, mask, scaling = *ctx.saved_tensors, ctx.scaling
-        rank = h.shape[-1]
-        h = h.reshape(-1, rank).float()  # (N, r)
-        mask = mask.expand(*x.shape[:-1], rank).reshape(-1, rank).float()  # mask: (B, 1, ..., r) or (r,)
-        b = weight_b.float()
-        gram = b.T @ b  # (r, r)
-        token_sq = grad_y.float().pow(2).sum(dim=-1).reshape(-1, 1)  # (N, 1)
-        full = gains * h
-        update_sq = (full @ gram * full).sum() * scaling**2  # |u|^2, from rank space
-        coef = ctx.weight * (token_sq.sum() / update_sq.clamp_min(1e-30)).sqrt()
-        tail = (gains - mask) * h  # the activations past the prefix, weighted: u - u_k = scaling * tail B^T
-        t = -coef * scaling * tail * (token_sq > 0)  # (N, r): the error u_k - u = t B^T, weighted and unpadded
-        # the prefix moves towards u and the tail towards 0 by the same error: u itself stays put to first order
-        grad_b = scaling * b @ (t.T @ (mask * h - tail))  # (out, r)
-        grad_h = scaling * (t @ gram) * (2 * mask - gains)  # (N, r)
-        grad_a = grad_h.to(x.dtype).T @ x.reshape(-1, x.shape[-1])  # (r, in)
-        return grad_y, None, None, grad_a.to(weight_b.dtype), grad_b.to(weight_b.dtype), None, None, None, None
-
-
 class ElasticVariant(LoraVariant):
     """The LoRA variant behind every elastic layer: a rank-prefix mask in training, slicing at a fixed rank."""
 
@@ -334,20 +289,8 @@ class ElasticVariant(LoraVariant):
         scaling = module.scaling[active_adapter]
         # PEFT's layer has already cast x where it casts for vanilla LoRA (not under autocast for bitsandbytes)
         if state.rank is None and module.training and state.samples:
-            x = dropout(x)
-            h = lora_a(x)  # (B, ..., r)
-            if state.distill_weight == 0:
-                return result + lora_b(h * state.training_mask(h)) * scaling
-            # every example at full rank on its labels; the drawn prefix distils this layer's full-rank update
-            update = lora_b(h * state.gains(state.r, h.device, h.dtype)) * scaling
-            if not torch.is_grad_enabled():  # the no-grad first pass of reentrant checkpointing, or inference
-                state.training_mask(h)  # keep the draw in step with the recomputation
-                return result + update
-            gains = state.gains(state.r, h.device, torch.float32)
-            return _PrefixDistill.apply(
-                result + update, x.detach(), h.detach(), lora_a.weight, lora_b.weight, gains, state.training_mask(h),
-                scaling, state.distill_weight,
-            )  # fmt: skip
+            h = lora_a(dropout(x))  # (B, ..., r)
+            return result + lora_b(h * state.training_mask(h)) * scaling
         k = _effective_rank(state, state.rank)
         if k == state.r:  # through the lora_A module, whose output hook `shrink.sensitivity` reads
             h = lora_a(dropout(x))
