@@ -19,7 +19,7 @@ from .export import (
     vllm_max_lora_rank,
     write_atomically,
 )
-from .loading import load_model_and_tokenizer
+from .loading import check_device, load_model_and_tokenizer
 from .model import ELASTIC_FIELDS, load_elastic, read_adapter_config
 from .ranks import module_shapes
 from .report import plot_report, summary_lines
@@ -108,6 +108,7 @@ def shrink_adapter(
     shapes = read_adapter_shapes(source)
     elastic = any(name in raw_config for name in ELASTIC_FIELDS)
 
+    device = check_device(device) if device else None
     model, tokenizer = load_model_and_tokenizer(base_model, gguf_file=gguf_file)
     if device:
         model.to(device)

@@ -133,3 +133,24 @@ def test_bad_tolerance_is_refused(setup, tolerance):
     with pytest.raises(ValueError, match="tolerance"):
         shrink_adapter(adapter, str(base), data, out, tolerance=tolerance, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--base-model", "./no/such/model"], "does not exist"),
+        (["--base-model", "no-such-org/no-such-model"], "cannot load the base model"),
+        (["--device", "cuda"], "sees no CUDA GPU"),
+        (["--device", "gpu0"], "not a torch device"),
+    ],
+    ids=["missing path", "unreachable hub id", "cuda without cuda", "bad device"],
+)
+def test_bad_base_model_or_device_gives_one_line_and_writes_nothing(setup, flags, message, capsys, monkeypatch):
+    adapter, data, out, base = setup
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id must fail here without a network round trip
+    args = ["shrink", str(adapter), "--base-model", str(base), "--data", str(data), "--out", str(out), "--quiet"]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
