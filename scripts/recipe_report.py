@@ -77,6 +77,10 @@ def write_report(results: dict, out: Path) -> None:
                 [int(k) for k in ks], [curve[k][0] for k in ks], yerr=[curve[k][1] / 2 for k in ks],
                 fmt="o-" if "grid" not in label else "s--", capsize=3, label=label,
             )  # fmt: skip
+        if "plain LoRA r_max, SVD-truncated" in curves:  # keep the interesting range; far-off arms leave the plot
+            worst = max(v[0] for v in curves["plain LoRA r_max, SVD-truncated"][0].values())
+            best = min(v[0] for curve, _ in curves.values() for v in curve.values())
+            ax.set_ylim(best - 0.02, worst + 0.3 * (worst - best))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank k (every module)")
         ax.set_ylabel("test eval loss")

@@ -9,12 +9,12 @@ split (for reporting):
 
 An arm is `lora` (plain LoRA at --max-rank, rsLoRA alpha 16: its SVD truncations are recorded too), `lora@K` (plain
 LoRA trained at rank K, the grid), `default` (ElasticLoraConfig() at --max-rank) or comma-separated
-ElasticLoraConfig fields (`distill_weight=1,full_rank_prob=0.5`). Every (task, steps, arm, lr, seed) run is kept in
+ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`). Every (task, steps, arm, lr, seed) run is kept in
 the JSON as soon as it ends, and runs already there are skipped, so a cut-off study resumes where it stopped.
 `--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev. `--plot` only redraws.
 
-    python scripts/recipe_study.py --task cmudict --steps 180 --arms lora default distill_weight=1 \\
-        --lrs 1e-3 2e-3 4e-3 --out scripts/results/recipe_study/cmudict.json
+    python scripts/recipe_study.py --task cmudict --steps 180 --arms lora default full_rank_prob=0.75 \\
+        --lrs 2e-3 --shrink 0.01 --out scripts/results/recipe_study/cmudict.json
     python scripts/recipe_study.py --plot --out scripts/results/recipe_study/cmudict.json
 """
 
