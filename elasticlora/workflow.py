@@ -117,8 +117,7 @@ def shrink_adapter(
     model = load_elastic(model, source)
     if not elastic:
         warnings.warn(
-            f"{source} is a plain LoRA adapter: its components are ordered by SVD of B A before the search; an "
-            "adapter trained with ElasticLoraConfig usually shrinks further at the same quality",
+            f"{source} is a plain LoRA adapter: its components are ordered by SVD of B A before the search",
             stacklevel=2,
         )
         svd_reorder(model)
