@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def _mean_dev(entry: dict) -> float:
-    curve = entry.get("svd", entry)["dev"] if entry["arm"] != "lora" else entry["dev"]
-    return statistics.mean(curve.values())
+    """Mean dev loss over the ranks a run was evaluated at: every uniform rank for elastic, its own rank for LoRA."""
+    return statistics.mean(entry["dev"].values())
 
 
 def chosen(runs: list[dict]) -> dict[tuple, list[dict]]:
