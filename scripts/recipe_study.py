@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from sampling_study import parse_arm
 
 from elasticlora import ElasticLoraConfig, at_ranks
 from elasticlora.data import eval_batches, load_rows
@@ -53,13 +54,7 @@ def arm_config(spec: str, max_rank: int) -> ElasticLoraConfig:
     if spec == "lora" or spec.startswith("lora@"):
         r = max_rank if spec == "lora" else int(spec[5:])
         return ElasticLoraConfig(r=r, rank_sampler="none", truncation_scale_power=0.0)
-    kwargs = {}
-    for item in [] if spec == "default" else spec.split(","):
-        key, sep, value = item.partition("=")
-        if not sep or key not in ElasticLoraConfig.__dataclass_fields__:
-            raise SystemExit(f"bad arm item {item!r}: expected FIELD=VALUE with an ElasticLoraConfig field")
-        kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
-    return ElasticLoraConfig(r=max_rank, **kwargs)
+    return ElasticLoraConfig(r=max_rank, **parse_arm(spec))
 
 
 def run_key(task: str, steps: int, arm: str, lr: float, seed: int) -> str:
