@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 
-import torch
+from .options import add_cli_flags
 
 EPILOG = """examples:
   elasticlora shrink out/adapter --base-model meta-llama/Llama-3.1-8B --data eval.jsonl --out out/shrunk
   elasticlora shrink out/adapter --base-model smollm2 --data eval.jsonl --avg-rank 8 --out out/r8
+  elasticlora shrink out/qlora --base-model meta-llama/Llama-3.1-8B --load-in-4bit --data eval.jsonl \\
+      --tolerance 0.005 0.01 0.02 --max-rank auto --out out/family
   elasticlora inspect out/shrunk
 
 eval data (jsonl): {"text": ...} | {"prompt": ..., "completion": ...} | {"messages": [...]}
@@ -34,27 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("adapter_dir", help="saved adapter (elastic or plain PEFT LoRA); it is never modified")
     s.add_argument("--base-model", required=True, help="local path or hub id; 'smollm2' = the packaged SmolLM2-135M")
-    s.add_argument("--gguf-file", help="GGUF file name inside --base-model, for GGUF checkpoints")
     s.add_argument("--data", required=True, help="held-out eval data, jsonl")
     s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    s.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.01,
-        help="allowed eval-loss increase over the best measured: relative (0.01 = 1%%) unless --absolute",
-    )
-    s.add_argument("--absolute", action="store_true", help="--tolerance is in loss units (nats/token)")
-    budget = s.add_mutually_exclusive_group()
-    budget.add_argument("--max-params", type=int, help="parameter budget instead of a tolerance")
-    budget.add_argument("--avg-rank", type=float, help="budget as an average rank over modules")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--max-length", type=int, default=1024, help="tokens per eval row (longer rows are cut)")
-    s.add_argument("--max-passes", type=int, default=12, help="passes over the eval data in all (>= 4)")
-    s.add_argument("--pad-to-max-rank", action="store_true", help="zero-pad every module to one rank")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    s.add_argument("--device", help="e.g. cuda, cpu (default: where the model loads)")
-    s.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast (faster, slightly less exact)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_cli_flags(s)
 
     i = sub.add_parser("inspect", help="ranks, parameters, vLLM rank bucket and loadability of an adapter")
     i.add_argument("adapter_dir")
@@ -64,32 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .options import options_from_args
     from .workflow import inspect_adapter, shrink_adapter
 
     try:
         if args.command == "shrink":
             report = shrink_adapter(
-                args.adapter_dir,
-                args.base_model,
-                args.data,
-                args.out,
-                tolerance=args.tolerance,
-                mode="absolute" if args.absolute else "relative",
-                max_params=args.max_params,
-                avg_rank=args.avg_rank,
-                gguf_file=args.gguf_file,
-                batch_size=args.batch_size,
-                max_length=args.max_length,
-                max_passes=args.max_passes,
-                pad_to_max_rank=args.pad_to_max_rank,
-                overwrite=args.overwrite,
-                device=args.device,
-                autocast_dtype=torch.bfloat16 if args.bf16 else None,
-                progress=not args.quiet,
+                args.adapter_dir, args.base_model, args.data, args.out, options=options_from_args(args)
             )
             print("\n".join(report["summary"]))
-            print(f"vLLM: --max-lora-rank {report['vllm_max_lora_rank']}")
-            print(f"wrote {report['out']} (adapter_config.json, adapter_model.safetensors, report.json, report.png)")
+            if "family" not in report:
+                print(f"vLLM: --max-lora-rank {report['vllm_max_lora_rank']}")
+                print(
+                    f"wrote {report['out']} (adapter_config.json, adapter_model.safetensors, report.json, report.png)"
+                )
+            else:
+                print(f"wrote {report['out']} (one adapter directory per tolerance, and family.json)")
         else:
             report = inspect_adapter(args.adapter_dir)
             if args.json:

@@ -22,13 +22,11 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], device: tor
     """Summed next-token cross-entropy over the scored tokens of one batch, and how many tokens were scored."""
     labels = batch["labels"].to(device)
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    # position t predicts token t + 1: (B, T-1, V) against (B, T-1)
-    logits = logits[:, :-1].float()
+    # position t predicts token t + 1; only scored positions are upcast: (N, V) for N scored tokens, not (B, T, V)
     targets = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, int((targets != IGNORE_INDEX).sum())
+    scored = targets != IGNORE_INDEX
+    loss = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
+    return loss, int(scored.sum())
 
 
 @torch.no_grad()

@@ -116,7 +116,8 @@ def write_atomically(out_dir: str | Path, files: dict[str, bytes], overwrite: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        for name, data in files.items():
+        for name, data in files.items():  # a name may hold subdirectories: "tolerance-0.01/report.json"
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

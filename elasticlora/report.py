@@ -75,4 +75,12 @@ def summary_lines(result: dict) -> list[str]:
         f"shrunk {result['quality']:.4f} (best measured {result['best_quality']:.4f})",
         f"passes over the eval data: {result['passes']}",
     ]
+    if result.get("rank_cap") is not None:
+        cost = result["cap_quality"] - result["full_quality"]
+        lines.insert(
+            2,
+            f"rank cap {result['rank_cap']} ({'found' if result['max_rank'] == 'auto' else 'asked'}): "
+            f"capped adapter {result['cap_quality']:.4f}, {cost:+.4f} against full rank "
+            f"({100 * cost / abs(result['full_quality']):+.2f}%)",
+        )
     return lines

@@ -24,19 +24,22 @@ approximations (LoRA-Squeeze / PEFT `convert_to_lora`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from .evaluate import batch_loss_sum, eval_loss, model_device
+from .options import check_tolerance
 from .ranks import active_adapter_name, at_ranks, elastic_layers, max_ranks, module_shapes
 
 Quality = Callable[[nn.Module], float]
-MODES = ("relative", "absolute")
 
 
 @dataclass
@@ -56,21 +59,14 @@ class ShrinkResult:
     higher_is_better: bool
     passes: int
     max_params: int | None = None
+    max_rank: int | str | None = None  # as asked: a cap, "auto" or None
+    rank_cap: int | None = None  # the cap applied: the asked one, or the bucket "auto" found; None if none
+    cap_quality: float | None = None  # quality of the capped adapter before per-module ranks (None without a cap)
+    passes_run: int = 0  # passes the call ran in all: `passes` for one tolerance, fewer than their sum for several
     curve: list[dict] = field(default_factory=list)  # every measured configuration: params, quality, within
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _check_tolerance(tolerance: float, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance):
-        raise ValueError(f"`tolerance` must be a finite number, got {tolerance!r}")
-    if tolerance <= 0:
-        raise ValueError(f"`tolerance` must be > 0, got {tolerance}")
-    if mode == "relative" and tolerance > 1:
-        raise ValueError(f"a relative `tolerance` must be in (0, 1] (0.01 = 1%), got {tolerance}")
 
 
 def within_tolerance(
@@ -101,14 +97,50 @@ def svd_reorder(model: nn.Module, adapter_name: str | None = None) -> None:
         weight_a.copy_((root[:, None] * (vh @ q_a.T)).to(weight_a.dtype))
 
 
+@contextlib.contextmanager
+def _checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute each transformer block's activations in the backward pass (non-reentrant checkpointing).
+
+    transformers checkpoints a block only when the block itself is in training mode; only the blocks' own flags are
+    set, so every layer inside (dropout, elastic draws) stays in eval mode.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError("gradient checkpointing needs a transformers model with checkpointable blocks; this has none")
+    saved = [(m.training, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func")) for m in blocks]
+    for m in blocks:
+        m.training, m.gradient_checkpointing = True, True
+        m._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for m, (training, checkpointing, func) in zip(blocks, saved):
+            m.training, m.gradient_checkpointing = training, checkpointing
+            if func is None:
+                m.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                m._gradient_checkpointing_func = func
+
+
 def sensitivity(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
     adapter_name: str | None = None,
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Estimated loss increase `c_m(k)` for truncating each module alone to k = 0..r_m (one forward+backward pass)."""
+    """Estimated loss increase `c_m(k)` for truncating each module alone to k = 0..r_m (one forward+backward pass).
+
+    Memory stays below one training step's at the eval batch size: every parameter is frozen and the graph starts at
+    the input embeddings, so the backward pass computes activation gradients only (no weight gradient, and no
+    module input kept for one).
+    """
     adapter = active_adapter_name(model, adapter_name)
     layers = elastic_layers(model)
     costs = {name: torch.zeros(layer.r[adapter] + 1, dtype=torch.float64) for name, layer in layers.items()}
@@ -135,15 +167,19 @@ def sensitivity(
 
     for name, layer in layers.items():
         attach(name, layer)
-    params = [p for layer in layers.values() for p in layer.lora_A[adapter].parameters()]
+    # with every parameter frozen, gradients start at the input embeddings: the backward pass computes activation
+    # gradients only, and no module input is kept for a weight gradient
+    embeddings = model.get_input_embeddings()
+    handles.append(embeddings.register_forward_hook(lambda module, inputs, out: out.requires_grad_(True)))
+    params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
     device = model_device(model)
     model.eval()
     try:
-        with at_ranks(model, None, adapter):
+        with at_ranks(model, None, adapter), _checkpointed(model, gradient_checkpointing):
             for p in params:
-                p.requires_grad_(True)
+                p.requires_grad_(False)
             for batch in tqdm(batches, desc="sensitivity", disable=not progress, leave=False):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss, _ = batch_loss_sum(model, batch, device)
@@ -153,7 +189,6 @@ def sensitivity(
             handle.remove()
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-            p.grad = None
         model.train(was_training)
     return costs
 
@@ -209,6 +244,12 @@ def allocation_path(costs: dict[str, torch.Tensor], widths: dict[str, int]) -> l
     return path
 
 
+def _vllm_buckets_below(r: int) -> list[int]:
+    from .export import VLLM_MAX_LORA_RANKS
+
+    return [b for b in reversed(VLLM_MAX_LORA_RANKS) if b < r]
+
+
 def shrink(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
@@ -218,9 +259,11 @@ def shrink(
     quality: Quality | None = None,
     higher_is_better: bool = False,
     max_passes: int = 12,
+    max_rank: int | str | None = None,
     adapter_name: str | None = None,
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    gradient_checkpointing: bool = False,
 ) -> ShrinkResult:
     """Choose per-module ranks for an elastic model (see the module docstring for the method).
 
@@ -232,107 +275,217 @@ def shrink(
         max_params: a parameter budget instead of a tolerance: the best configuration on the path within it.
         quality: `quality(model) -> float` replacing eval loss (e.g. accuracy with `higher_is_better=True`).
         max_passes: total passes over the eval data (sensitivity and every measured configuration); at least 4.
+        max_rank: cap every module's rank at this (a vLLM `--max-lora-rank` bucket, say) before the search; "auto"
+            finds the smallest vLLM bucket whose capped adapter is within tolerance. The result records the cap and
+            the quality it was measured at.
+        gradient_checkpointing: recompute block activations in the sensitivity pass (long eval rows).
+    """
+    return shrink_family(
+        model,
+        batches,
+        [tolerance],
+        mode=mode,
+        max_params=max_params,
+        quality=quality,
+        higher_is_better=higher_is_better,
+        max_passes=max_passes,
+        max_rank=max_rank,
+        adapter_name=adapter_name,
+        progress=progress,
+        autocast_dtype=autocast_dtype,
+        gradient_checkpointing=gradient_checkpointing,
+    )[0]
+
+
+def shrink_family(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    tolerances: Sequence[float],
+    mode: str = "relative",
+    max_params: int | None = None,
+    quality: Quality | None = None,
+    higher_is_better: bool = False,
+    max_passes: int = 12,
+    max_rank: int | str | None = None,
+    adapter_name: str | None = None,
+    progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    gradient_checkpointing: bool = False,
+) -> list[ShrinkResult]:
+    """`shrink` at several tolerances from one sensitivity pass, each configuration measured at most once.
+
+    Each tolerance runs its own search, exactly as `shrink` would alone (same probes, same `passes`, same result);
+    a configuration another tolerance already measured is read back instead of measured again.
     """
     if max_params is None:
-        _check_tolerance(tolerance, mode)
+        if not tolerances:
+            raise ValueError("`tolerances` is empty: give at least one")
+        for tolerance in tolerances:
+            check_tolerance(tolerance, mode)
     elif isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 0:
         raise ValueError(f"`max_params` must be a non-negative int, got {max_params!r}")
     if max_passes < 4:
         raise ValueError(f"`max_passes` must be >= 4 (sensitivity, full rank, base, one probe), got {max_passes}")
+    if max_rank is not None and max_rank != "auto" and (isinstance(max_rank, bool) or not isinstance(max_rank, int)):
+        raise ValueError(f"`max_rank` must be a positive int, 'auto' or None, got {max_rank!r}")
+    if isinstance(max_rank, int) and max_rank < 1:
+        raise ValueError(f"`max_rank` must be a positive int, 'auto' or None, got {max_rank!r}")
+    if max_rank == "auto" and max_params is not None:
+        raise ValueError("`max_rank='auto'` picks a bucket by tolerance: with `max_params` give a number")
     if not batches:
         raise ValueError("`batches` is empty: shrink needs eval data")
     adapter = active_adapter_name(model, adapter_name)
-    shapes = module_shapes(model, adapter)
-    widths = {name: sum(shape) for name, shape in shapes.items()}
-    full = max_ranks(model, adapter)
+    widths = {name: sum(shape) for name, shape in module_shapes(model, adapter).items()}
     metric_name = "eval_loss" if quality is None else getattr(quality, "__name__", "quality")
     higher_is_better = bool(quality is not None and higher_is_better)
+    bar = tqdm(total=None, desc="shrink", unit="pass", disable=not progress)
+    measured: dict[tuple[int, ...], float] = {}
 
-    def params_of(ranks: dict[str, int]) -> int:
-        return sum(k * widths[name] for name, k in ranks.items())
+    def probe(ranks: dict[str, int]) -> float:
+        key = tuple(ranks.values())
+        if key not in measured:
+            with at_ranks(model, ranks, adapter):
+                if quality is None:
+                    value = eval_loss(model, batches, progress=progress, autocast_dtype=autocast_dtype)
+                else:
+                    value = float(quality(model))
+            if not math.isfinite(value):
+                params = sum(k * widths[name] for name, k in ranks.items())
+                raise FloatingPointError(f"{metric_name} is {value} at {params} adapter parameters")
+            measured[key] = value
+            bar.update(1)
+            bar.set_postfix({metric_name: f"{value:.4f}"})
+        return measured[key]
 
-    bar = tqdm(total=max_passes, desc="shrink", unit="pass", disable=not progress)
-    curve: list[dict] = []
+    costs = sensitivity(model, batches, adapter, progress, autocast_dtype, gradient_checkpointing)
+    bar.update(1)
+    search = _Search(costs, widths, max_ranks(model, adapter), probe, mode, higher_is_better, max_passes, max_rank)
+    try:
+        if max_params is not None:
+            results = [search.within_budget(max_params, metric_name)]
+        else:
+            results = [search.run(tolerance, metric_name) for tolerance in tolerances]
+    finally:
+        bar.close()
+    for result in results:
+        result.passes_run = len(measured) + 1
+    return results
 
-    def measure(ranks: dict[str, int]) -> float:
-        with at_ranks(model, ranks, adapter):
-            if quality is None:
-                value = eval_loss(model, batches, progress=progress, autocast_dtype=autocast_dtype)
-            else:
-                value = float(quality(model))
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{metric_name} is {value} at {params_of(ranks)} adapter parameters")
-        curve.append({"params": params_of(ranks), "quality": value, "ranks": dict(ranks)})
-        bar.update(1)
-        bar.set_postfix({metric_name: f"{value:.4f}", "params": params_of(ranks)})
+
+class _Search:
+    """One measured search over the allocation path of the cost curves (see the module docstring)."""
+
+    def __init__(self, costs, widths, full, probe, mode, higher_is_better, max_passes, max_rank):
+        self.costs, self.widths, self.full, self.probe = costs, widths, full, probe
+        self.mode, self.higher_is_better, self.max_passes = mode, higher_is_better, max_passes
+        self.max_rank = max_rank
+        self.path = allocation_path(costs, widths)  # path[0] is full rank, path[-1] all zero
+
+    def params_of(self, ranks: dict[str, int]) -> int:
+        return sum(k * self.widths[name] for name, k in ranks.items())
+
+    def capped(self, cap: int) -> dict[str, int]:
+        return {name: min(k, cap) for name, k in self.full.items()}
+
+    def path_below(self, top: dict[str, int]) -> list[dict[str, int]]:
+        """The allocation path of the cost curves cut at `top`: from `top` down to all-zero."""
+        return allocation_path({name: c[: top[name] + 1] for name, c in self.costs.items()}, self.widths)
+
+    def start(self, tolerance: float | None) -> None:
+        self.tolerance, self.curve = tolerance, []
+        self.full_quality = self.measure(self.path[0])
+        self.base_quality = self.measure(dict.fromkeys(self.full, 0))
+
+    def measure(self, ranks: dict[str, int]) -> float:
+        value = self.probe(ranks)
+        self.curve.append({"params": self.params_of(ranks), "quality": value, "ranks": dict(ranks)})
         return value
 
-    costs = sensitivity(model, batches, adapter, progress=progress, autocast_dtype=autocast_dtype)
-    bar.update(1)
-    path = allocation_path(costs, widths)  # path[0] is full rank, path[-1] all zero
-    zero = dict.fromkeys(full, 0)
-    full_quality = measure(path[0])
-    base_quality = measure(zero)
+    def best(self) -> float:
+        values = [point["quality"] for point in self.curve]
+        return max(values) if self.higher_is_better else min(values)
 
-    def best_measured() -> float:
-        values = [point["quality"] for point in curve]
-        return max(values) if higher_is_better else min(values)
+    def ok(self, value: float) -> bool:
+        return within_tolerance(value, self.best(), self.tolerance, self.mode, self.higher_is_better)
 
-    def ok(value: float) -> bool:
-        return within_tolerance(value, best_measured(), tolerance, mode, higher_is_better)
+    def bisect(self, configs: list[dict[str, int]]) -> dict[str, int]:
+        """The last config of `configs` found within tolerance; configs[0] is within it, configs[-1] is measured.
 
-    if max_params is not None:
+        The all-zero end is probed towards even when it looks within tolerance: a later probe may beat both ends.
+        """
+        lo, hi = 0, len(configs) - 1  # lo: known within tolerance; hi: known outside (or the all-zero end)
+        while hi - lo > 1 and len(self.curve) + 1 < self.max_passes:
+            mid = (lo + hi) // 2
+            if self.ok(self.measure(configs[mid])):
+                lo = mid
+            else:
+                hi = mid
+        return configs[lo]
+
+    def run(self, tolerance: float, metric: str) -> ShrinkResult:
+        self.start(tolerance)
+        r = max(self.full.values())
+        zero = dict.fromkeys(self.full, 0)
+        cap = self.max_rank if isinstance(self.max_rank, int) and self.max_rank < r else None
+        top = self.path[0] if cap is None else self.capped(cap)
+        cap_quality = None if cap is None else self.measure(top)
+        if cap is not None and not self.ok(cap_quality):
+            chosen = top  # the cap alone costs more than the tolerance: the user's cap wins, the report says so
+        else:
+            # 1. one rank for every module, halving from the top (the prefixes elastic training optimises directly);
+            # with max_rank="auto", the vLLM buckets below full rank instead: the smallest one within tolerance
+            ks = _vllm_buckets_below(r) if self.max_rank == "auto" else _halvings(cap or r)
+            anchor = self.bisect([top, *(self.capped(k) for k in ks), zero])
+            if self.max_rank == "auto" and anchor not in (top, zero):
+                cap = max(anchor.values())
+                cap_quality = self.probe(anchor)
+            # 2. per-module ranks below that anchor, along the allocation path of the cost curves cut at the anchor
+            if anchor != zero:
+                self.bisect(self.path_below(anchor))
+            # the best quality may have improved during the search: pick among everything measured under the cap
+            feasible = [
+                p for p in self.curve if self.ok(p["quality"]) and (cap is None or max(p["ranks"].values()) <= cap)
+            ]
+            sign = -1.0 if self.higher_is_better else 1.0
+            chosen = min(feasible, key=lambda p: (p["params"], sign * p["quality"]))["ranks"]
+        return self.result(chosen, metric, cap=cap, cap_quality=cap_quality)
+
+    def within_budget(self, max_params: int, metric: str) -> ShrinkResult:
+        self.start(None)
+        cap = self.max_rank if isinstance(self.max_rank, int) else None
+        path = self.path if cap is None else self.path_below(self.capped(cap))
         # the first configuration within budget keeps the most parameters the budget allows
-        chosen_ranks = next(ranks for ranks in path if params_of(ranks) <= max_params)
-        if chosen_ranks not in (path[0], zero):
-            measure(chosen_ranks)
-    else:
+        chosen = next(ranks for ranks in path if self.params_of(ranks) <= max_params)
+        if chosen not in (self.path[0], dict.fromkeys(self.full, 0)):
+            self.measure(chosen)
+        return self.result(chosen, metric, max_params=max_params, cap=cap)
 
-        def bisect(configs: list[dict[str, int]]) -> dict[str, int]:
-            """The last config of `configs` found within tolerance; configs[0] and configs[-1] are measured.
-
-            The all-zero end is probed towards even when it looks within tolerance: a later probe may beat both ends.
-            """
-            lo, hi = 0, len(configs) - 1  # lo: known within tolerance; hi: known outside (or the all-zero end)
-            while hi - lo > 1 and len(curve) + 1 < max_passes:
-                mid = (lo + hi) // 2
-                if ok(measure(configs[mid])):
-                    lo = mid
-                else:
-                    hi = mid
-            return configs[lo]
-
-        # 1. the same rank for every module, halving from full: the prefixes elastic training optimises directly
-        r = max(full.values())
-        uniform = [{name: min(k, r_m) for name, r_m in full.items()} for k in _halvings(r)]
-        anchor = bisect([path[0], *uniform, zero])
-        # 2. per-module ranks below that anchor, along the allocation path of the cost curves cut at the anchor
-        if anchor != zero:
-            cut = {name: costs[name][: anchor[name] + 1] for name in costs}
-            bisect(allocation_path(cut, widths))
-        # the best quality may have improved during the search: pick among everything measured
-        feasible = [point for point in curve if ok(point["quality"])]
-        sign = -1.0 if higher_is_better else 1.0
-        chosen_ranks = min(feasible, key=lambda point: (point["params"], sign * point["quality"]))["ranks"]
-    bar.close()
-    chosen = next(point for point in reversed(curve) if point["ranks"] == chosen_ranks)
-    best = best_measured()
-    for point in curve:
-        point["within"] = None if max_params is not None else ok(point["quality"])
-        point.pop("ranks")
-    return ShrinkResult(
-        ranks=dict(chosen_ranks),
-        quality=chosen["quality"],
-        best_quality=best,
-        full_quality=full_quality,
-        base_quality=base_quality,
-        params=params_of(chosen_ranks),
-        full_params=params_of(full),
-        tolerance=None if max_params is not None else tolerance,
-        mode=mode,
-        metric=metric_name,
-        higher_is_better=higher_is_better,
-        passes=len(curve) + 1,
-        max_params=max_params,
-        curve=curve,
-    )
+    def result(self, chosen, metric, max_params=None, cap=None, cap_quality=None) -> ShrinkResult:
+        point = next(p for p in reversed(self.curve) if p["ranks"] == chosen)
+        curve = [
+            {
+                "params": p["params"],
+                "quality": p["quality"],
+                "within": None if max_params is not None else self.ok(p["quality"]),
+            }
+            for p in self.curve
+        ]
+        return ShrinkResult(
+            ranks=dict(chosen),
+            quality=point["quality"],
+            best_quality=self.best(),
+            full_quality=self.full_quality,
+            base_quality=self.base_quality,
+            params=self.params_of(chosen),
+            full_params=self.params_of(self.full),
+            tolerance=self.tolerance,
+            mode=self.mode,
+            metric=metric,
+            higher_is_better=self.higher_is_better,
+            passes=len(self.curve) + 1,
+            max_params=max_params,
+            max_rank=self.max_rank,
+            rank_cap=cap,
+            cap_quality=cap_quality,
+            curve=curve,
+        )

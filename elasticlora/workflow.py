@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,11 +20,12 @@ from .export import (
     vllm_max_lora_rank,
     write_atomically,
 )
-from .loading import check_device, load_model_and_tokenizer
+from .loading import load_model_and_tokenizer
 from .model import ELASTIC_FIELDS, load_elastic, read_adapter_config
+from .options import ShrinkOptions
 from .ranks import module_shapes
 from .report import plot_report, summary_lines
-from .shrink import shrink, svd_reorder
+from .shrink import shrink_family, svd_reorder
 
 # module names vLLM maps for Llama-family models (q/k/v into qkv_proj, gate/up into gate_up_proj)
 VLLM_LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -78,42 +80,44 @@ def shrink_adapter(
     base_model: str,
     data,
     out_dir: str | Path,
-    tolerance: float = 0.01,
-    mode: str = "relative",
-    max_params: int | None = None,
-    avg_rank: float | None = None,
-    gguf_file: str | None = None,
-    batch_size: int = 8,
-    max_length: int = 1024,
-    max_passes: int = 12,
-    pad_to_max_rank: bool = False,
-    overwrite: bool = False,
-    device: str | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    quality=None,
-    higher_is_better: bool = False,
-    progress: bool = True,
+    *,
+    options: ShrinkOptions | None = None,
+    **kwargs,
 ) -> dict:
     """Shrink a saved adapter per module and write a standard PEFT LoRA adapter plus its report to `out_dir`.
 
-    `data`: a jsonl path, a list of rows or a `datasets.Dataset` (see `data.py`). The source adapter is only read;
+    `data`: a jsonl path, a list of rows or a `datasets.Dataset` (see `data.py`). Options: a `ShrinkOptions`, or its
+    fields as keywords (`tolerance=0.02, dtype="bfloat16", max_rank="auto"`). The source adapter is only read;
     `out_dir` appears complete or not at all. Returns the report (also written as `report.json`).
+
+    Several tolerances (`tolerance=[0.005, 0.01, 0.02]`) share one search and write one adapter per tolerance, in
+    `out_dir/tolerance-<value>/`, plus `out_dir/family.json`; the return value then holds their reports under
+    "family".
     """
+    options = ShrinkOptions(**kwargs) if options is None else replace(options, **kwargs)
     source, out = Path(adapter_dir).resolve(), Path(out_dir).resolve()
     if out == source or source in out.parents:
         raise ValueError(f"--out {out} must not be (inside) the source adapter directory {source}")
-    if out.exists() and not overwrite:
+    if out.exists() and not options.overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     raw_config = read_adapter_config(source)
     shapes = read_adapter_shapes(source)
     elastic = any(name in raw_config for name in ELASTIC_FIELDS)
 
-    device = check_device(device) if device else None
-    model, tokenizer = load_model_and_tokenizer(base_model, gguf_file=gguf_file)
-    if device:
-        model.to(device)
+    device = options.device
+    if device is None and options.device_map is None and torch.cuda.is_available():
+        device = "cuda"
+    model, tokenizer = load_model_and_tokenizer(
+        base_model,
+        gguf_file=options.gguf_file,
+        dtype=options.dtype,
+        device=device,
+        device_map=options.device_map,
+        load_in_4bit=options.load_in_4bit,
+        load_in_8bit=options.load_in_8bit,
+    )
     _check_shapes_match(model, shapes, str(source))
-    batches = eval_batches(tokenizer, data, batch_size=batch_size, max_length=max_length)
+    batches = eval_batches(tokenizer, data, batch_size=options.batch_size, max_length=options.max_length)
     model = load_elastic(model, source)
     if not elastic:
         warnings.warn(
@@ -121,40 +125,74 @@ def shrink_adapter(
             stacklevel=2,
         )
         svd_reorder(model)
-    if avg_rank is not None:
+    max_params = options.max_params
+    if options.avg_rank is not None:
         widths = sum(layer_in + layer_out for layer_in, layer_out in module_shapes(model).values())
-        max_params = int(avg_rank * widths)
-    result = shrink(
+        max_params = int(options.avg_rank * widths)
+    results = shrink_family(
         model,
         batches,
-        tolerance=tolerance,
-        mode=mode,
+        options.tolerances,
+        mode=options.mode,
         max_params=max_params,
-        quality=quality,
-        higher_is_better=higher_is_better,
-        max_passes=max_passes,
-        progress=progress,
-        autocast_dtype=autocast_dtype,
+        quality=options.quality,
+        higher_is_better=options.higher_is_better,
+        max_passes=options.max_passes,
+        max_rank=options.max_rank,
+        progress=options.progress,
+        autocast_dtype=options.autocast_dtype,
+        gradient_checkpointing=options.gradient_checkpointing,
     )
-    config, tensors = export_peft_adapter(model, result.ranks, pad_to_max_rank=pad_to_max_rank)
-    config.base_model_name_or_path = str(base_model) if gguf_file is None else f"{base_model} ({gguf_file})"
-    report = result.to_dict()
-    report.update(
-        source=str(source),
-        source_is_elastic=elastic,
-        vllm_max_lora_rank=vllm_max_lora_rank(config.r),
-        export_max_rank=config.r,
-        eval_rows=sum(len(batch["input_ids"]) for batch in batches),
-    )
+    precision = "4bit" if options.load_in_4bit else "8bit" if options.load_in_8bit else str(model.dtype)
+    common = {
+        "source": str(source),
+        "source_is_elastic": elastic,
+        "base_model": str(base_model),
+        "base_precision": precision.removeprefix("torch."),
+        "eval_rows": sum(len(batch["input_ids"]) for batch in batches),
+    }
+    files, reports = {}, []
+    family = len(results) > 1
+    for result in results:
+        config, tensors = export_peft_adapter(model, result.ranks, pad_to_max_rank=options.pad_to_max_rank)
+        config.base_model_name_or_path = (
+            f"{base_model} ({options.gguf_file})" if options.gguf_file else str(base_model)
+        )
+        report = {**result.to_dict(), **common}
+        report.update(vllm_max_lora_rank=vllm_max_lora_rank(config.r), export_max_rank=config.r)
+        prefix = f"tolerance-{result.tolerance:g}/" if family else ""
+        files.update({prefix + name: blob for name, blob in _adapter_dir_files(config, tensors, report).items()})
+        report["out"] = str(out / prefix)
+        report["summary"] = summary_lines(report)
+        reports.append(report)
+    if not family:
+        write_atomically(out, files, overwrite=options.overwrite)
+        return reports[0]
+    index = [
+        {key: report[key] for key in ("tolerance", "params", "quality", "export_max_rank", "vllm_max_lora_rank")}
+        | {"dir": Path(report["out"]).name}
+        for report in reports
+    ]
+    passes_run = results[0].passes_run
+    files["family.json"] = (json.dumps({"adapters": index, "passes_run": passes_run}, indent=2) + "\n").encode()
+    write_atomically(out, files, overwrite=options.overwrite)
+    summary = [
+        f"tolerance {entry['tolerance']:g}: {entry['params']:,} parameters, {reports[0]['metric']} "
+        f"{entry['quality']:.4f}, max rank {entry['export_max_rank']} (vLLM --max-lora-rank "
+        f"{entry['vllm_max_lora_rank']}) -> {entry['dir']}/"
+        for entry in index
+    ]
+    summary.append(f"passes over the eval data: {passes_run} for {len(index)} adapters")
+    return {"family": reports, "out": str(out), "passes_run": passes_run, "summary": summary}
+
+
+def _adapter_dir_files(config, tensors, report: dict) -> dict[str, bytes]:
     files = adapter_files(config, tensors)
     files["report.json"] = (json.dumps(report, indent=2) + "\n").encode()
     png = io.BytesIO()
     plot_report(report, png)
     files["report.png"] = png.getvalue()
-    write_atomically(out, files, overwrite=overwrite)
-    report["out"] = str(out)
-    report["summary"] = summary_lines(report)
-    return report
+    return files
 
 
 def inspect_adapter(adapter_dir: str | Path) -> dict:

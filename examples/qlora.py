@@ -1,10 +1,11 @@
-"""QLoRA: elastic training on a 4-bit (nf4) or 8-bit bitsandbytes base, then shrink and export for a bf16 base.
+"""QLoRA: elastic training on a 4-bit (nf4) or 8-bit bitsandbytes base, shrink on that same base, export for any.
 
     python examples/qlora.py                    # packaged SmolLM2, quantized to nf4 on load
     python examples/qlora.py --bits 8 --model tiny --steps 4
 
-bitsandbytes >= 0.50 runs 4-bit and 8-bit LoRA on CPU. The export targets the base model's own module names, so
-it loads on the unquantized model (and in vLLM).
+bitsandbytes >= 0.50 runs 4-bit and 8-bit LoRA on CPU. `shrink_adapter(..., load_in_4bit=True)` (the CLI's
+`--load-in-4bit`) measures on the base the adapter was trained on; the export targets the base model's own module
+names, so it loads on the unquantized model (and in vLLM).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from elasticlora import ElasticLoraConfig, elastic_layers
 from elasticlora.data import eval_batches, load_rows
@@ -44,12 +45,8 @@ def main() -> None:
     base_dir = Path(tempfile.mkdtemp(prefix="elasticlora-base-"))
     full.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
-    quantization = (
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        if args.bits == 4
-        else BitsAndBytesConfig(load_in_8bit=True)
-    )
-    quantized = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quantization)
+    bits = {"load_in_4bit": args.bits == 4, "load_in_8bit": args.bits == 8}
+    quantized, _ = load_model_and_tokenizer(str(base_dir), dtype="auto", **bits)
     quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
     model = get_peft_model(quantized, ElasticLoraConfig(r=args.max_rank))
     print(f"elastic layers: {type(next(iter(elastic_layers(model).values()))).__name__}")
@@ -60,10 +57,13 @@ def main() -> None:
     shutil.rmtree(adapter_dir, ignore_errors=True)
     model.save_pretrained(adapter_dir)
 
-    # shrink measures on the full-precision base that the export is meant for
+    # shrink measures on the quantized base the adapter was trained on
     eval_rows = load_rows(DATA / "wordnet_eval.jsonl")[: args.eval_rows]
-    report = shrink_adapter(adapter_dir, str(base_dir), eval_rows, args.out / "shrunk", args.tolerance, overwrite=True)
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), args.out / "shrunk")
+    shrunk = args.out / "shrunk"
+    report = shrink_adapter(
+        adapter_dir, str(base_dir), eval_rows, shrunk, tolerance=args.tolerance, overwrite=True, **bits
+    )
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), shrunk)
     print("\n".join(report["summary"]))
     print(f"the export loads on the full-precision base: {type(plain).__name__}, {len(report['ranks'])} modules")
     shutil.rmtree(base_dir)

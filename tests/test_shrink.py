@@ -8,7 +8,7 @@ from peft import get_peft_model
 from elasticlora import ElasticLoraConfig, adapter_param_count, at_ranks, elastic_layers
 from elasticlora.data import make_batches
 from elasticlora.evaluate import eval_loss
-from elasticlora.shrink import allocation_path, sensitivity, shrink, svd_reorder, within_tolerance
+from elasticlora.shrink import allocation_path, sensitivity, shrink, shrink_family, svd_reorder, within_tolerance
 
 SIGNAL = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
 
@@ -195,3 +195,80 @@ def test_sensitivity_reads_the_weighted_components(input_ids):
     assert any(c.abs().sum() > 0 for c in expected.values())
     for name in expected:
         assert torch.allclose(got[name], expected[name], rtol=1e-3, atol=1e-9), name
+
+
+@pytest.fixture(scope="module")
+def rank4_task():
+    """r = 32, every module's update lives in its first 4 components (the rest are zero), data sampled from it."""
+    base = tiny_llama(layers=2)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(100)
+    model = get_peft_model(base, ElasticLoraConfig(r=32, truncation_scale_power=0.0)).eval()
+    randomize_lora(model, seed=5)
+    with torch.no_grad():
+        for layer in elastic_layers(model).values():
+            layer.lora_A["default"].weight[4:] = 0
+        torch.manual_seed(2)
+        tokens = torch.randint(0, VOCAB, (32, 1))
+        for _ in range(11):
+            logits = model(tokens).logits[:, -1]
+            tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1)], dim=1)
+    return model, make_batches([{"input_ids": r.tolist(), "labels": r.tolist()} for r in tokens], 16, 0)
+
+
+@pytest.mark.parametrize("cap", [1, 2, 8])
+def test_a_capped_search_never_exceeds_its_cap(cap, rank4_task):
+    model, batches = rank4_task
+    result = shrink(model, batches, tolerance=0.01, max_rank=cap, progress=False)
+    assert max(result.ranks.values()) <= cap and result.rank_cap == cap
+    with at_ranks(model, cap):
+        assert result.cap_quality == pytest.approx(eval_loss(model, batches), rel=1e-6)
+    if cap == 8:  # the update is rank 4: the cap costs nothing and the search still goes below it
+        assert result.cap_quality == pytest.approx(result.full_quality, rel=1e-5)
+        assert result.quality <= result.best_quality * 1.01 and result.params < adapter_param_count(model, 8)
+    else:  # the cap alone is beyond tolerance: the cap wins, and the result says what it cost
+        assert result.ranks == dict.fromkeys(result.ranks, cap) and result.cap_quality > result.full_quality * 1.01
+    budget = shrink(model, batches, max_params=10**9, max_rank=cap, progress=False)
+    assert max(budget.ranks.values()) <= cap
+
+
+def test_auto_cap_finds_the_smallest_vllm_bucket_within_tolerance(rank4_task):
+    model, batches = rank4_task  # r = 32; buckets below it: 16, 8, 1; the update has rank 4
+    result = shrink(model, batches, tolerance=0.01, max_rank="auto", progress=False)
+    assert result.rank_cap == 8 and max(result.ranks.values()) <= 8
+    with at_ranks(model, 1):
+        assert eval_loss(model, batches) > result.best_quality * 1.01, "bucket 1 is rightly refused"
+    assert result.passes <= 12
+
+
+def test_a_family_equals_its_single_tolerance_runs_and_shares_passes(toy_task):
+    model, batches = toy_task
+    tolerances = [0.005, 0.02, 0.1]
+    family = shrink_family(model, batches, tolerances, progress=False)
+    singles = [shrink(model, batches, tolerance=t, progress=False) for t in tolerances]
+    for got, expected in zip(family, singles):
+        assert got.ranks == expected.ranks and got.tolerance == expected.tolerance
+        assert got.quality == expected.quality and got.passes == expected.passes and got.curve == expected.curve
+    assert family[0].passes_run == family[-1].passes_run < sum(s.passes for s in singles)
+    assert [r.params for r in family] == sorted((r.params for r in family), reverse=True)
+
+
+def test_sensitivity_freezes_everything_and_checkpointing_changes_nothing(input_ids):
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6))  # trainable, as right after training
+    randomize_lora(model)
+    batches = make_batches([{"input_ids": row.tolist(), "labels": row.tolist()} for row in input_ids], 2, 0)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    calls = []
+    layer = next(iter(elastic_layers(model).values()))
+    handle = layer.lora_A["default"].register_forward_hook(lambda *args: calls.append(1))
+    plain = sensitivity(model, batches, progress=False)
+    plain_calls = len(calls)
+    checkpointed = sensitivity(model, batches, progress=False, gradient_checkpointing=True)
+    handle.remove()
+    assert len(calls) - plain_calls == 2 * plain_calls, "checkpointing recomputes each block once in backward"
+    assert any(c.abs().sum() > 0 for c in plain.values())
+    for name in plain:
+        assert torch.allclose(checkpointed[name], plain[name], rtol=1e-5, atol=1e-12), name
+    assert all(p.grad is None for p in model.parameters()), "no weight gradients are computed"
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 from conftest import char_tokenizer, randomize_lora, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from elasticlora import ElasticLoraConfig
+from elasticlora import ElasticLoraConfig, at_ranks, load_elastic
 from elasticlora.cli import main
 from elasticlora.data import eval_batches
 from elasticlora.train import train_steps
@@ -149,6 +150,97 @@ def test_bad_base_model_or_device_gives_one_line_and_writes_nothing(setup, flags
     adapter, data, out, base = setup
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id must fail here without a network round trip
+    args = ["shrink", str(adapter), "--base-model", str(base), "--data", str(data), "--out", str(out), "--quiet"]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_family_of_exports_equals_the_single_tolerance_runs(setup, tmp_path):
+    adapter, data, out, base = setup
+    tolerances = [0.005, 0.02, 0.04]
+    family = shrink_adapter(adapter, str(base), data, out, tolerance=tolerances, progress=False)
+    index = json.loads((out / "family.json").read_text())
+    assert [entry["dir"] for entry in index["adapters"]] == ["tolerance-0.005", "tolerance-0.02", "tolerance-0.04"]
+    assert index["passes_run"] == family["passes_run"] < sum(r["passes"] for r in family["family"])
+    for tolerance, entry in zip(tolerances, index["adapters"]):
+        single = shrink_adapter(adapter, str(base), data, tmp_path / f"single-{tolerance}", tolerance=tolerance,
+                                progress=False)  # fmt: skip
+        member = out / entry["dir"]
+        report = json.loads((member / "report.json").read_text())
+        assert report["tolerance"] == tolerance and report["params"] == single["params"] == entry["params"]
+        assert report["ranks"] == single["ranks"] and report["quality"] == single["quality"]
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (member / name).read_bytes() == (tmp_path / f"single-{tolerance}" / name).read_bytes(), name
+
+
+def test_cli_family_and_cap(setup, capsys):
+    adapter, data, out, base = setup
+    args = ["shrink", str(adapter), "--base-model", str(base), "--data", str(data), "--out", str(out), "--quiet"]
+    assert main([*args, "--tolerance", "0.005", "0.02", "--max-rank", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "tolerance 0.005:" in printed and "tolerance 0.02:" in printed and "family.json" in printed
+    for member in ("tolerance-0.005", "tolerance-0.02"):
+        report = json.loads((out / member / "report.json").read_text())
+        assert report["rank_cap"] == 2 and max(report["ranks"].values()) <= 2 and report["vllm_max_lora_rank"] <= 8
+
+
+@pytest.fixture(scope="module")
+def wide_setup(tmp_path_factory):
+    """A base wide enough for 4-bit blocks (64 weights), a trained elastic adapter, and eval data."""
+    path = tmp_path_factory.mktemp("wide")
+    tiny_llama(hidden=128).save_pretrained(path / "base")
+    char_tokenizer().save_pretrained(path / "base")
+    model = get_peft_model(tiny_llama(hidden=128), ElasticLoraConfig(r=8))
+    train_steps(model, eval_batches(char_tokenizer(), ROWS, batch_size=8), steps=20, lr=1e-2, progress=False)
+    model.save_pretrained(path / "adapter")
+    (path / "eval.jsonl").write_text("\n".join(json.dumps(row) for row in ROWS) + "\n")
+    return path
+
+
+# precision -> (shrink_adapter options, how far its full-rank eval loss may be from fp32's, relative)
+PRECISIONS = {
+    "float32": ({"dtype": "float32"}, 1e-6),
+    "bfloat16": ({"dtype": "bfloat16"}, 0.02),
+    "8bit": ({"load_in_8bit": True}, 0.05),
+    "4bit": ({"load_in_4bit": True}, 0.10),
+}
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_every_precision_exports_an_adapter_plain_peft_loads_on_the_fp32_base(precision, wide_setup, tmp_path):
+    pytest.importorskip("bitsandbytes") if "bit" in precision else None
+    options, closeness = PRECISIONS[precision]
+    base, adapter, data = str(wide_setup / "base"), wide_setup / "adapter", wide_setup / "eval.jsonl"
+    report = shrink_adapter(adapter, base, data, tmp_path / "out", avg_rank=2, progress=False, **options)
+    reference = shrink_adapter(adapter, base, data, tmp_path / "ref", avg_rank=2, progress=False, dtype="float32")
+    assert report["base_precision"] == precision
+    assert report["full_quality"] == pytest.approx(reference["full_quality"], rel=closeness)
+    # the export holds the fp32 adapter truncated to the chosen ranks, whatever precision measured it
+    elastic = load_elastic(tiny_llama(hidden=128), adapter).eval()
+    plain = PeftModel.from_pretrained(tiny_llama(hidden=128), tmp_path / "out").eval()
+    ids = eval_batches(char_tokenizer(), ROWS, batch_size=8)[0]["input_ids"]
+    with torch.no_grad(), at_ranks(elastic, report["ranks"]):
+        expected = elastic(ids).logits
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--load-in-4bit", "--load-in-8bit"], "choose one of"),
+        (["--max-rank", "0"], "must be a positive int"),
+        (["--tolerance", "0.01", "0.02", "--max-params", "100"], "parameter budget gives one adapter"),
+        (["--max-params", "100", "--avg-rank", "2"], "give one budget"),
+        (["--device", "cpu", "--device-map", "auto"], "not both"),
+        (["--tolerance", "0.01", "3"], "must be in (0, 1]"),
+    ],
+    ids=["4 and 8 bit", "rank cap 0", "family with a budget", "two budgets", "device and map", "bad member"],
+)
+def test_bad_option_combinations_give_one_line_and_write_nothing(setup, flags, message, capsys):
+    adapter, data, out, base = setup
     args = ["shrink", str(adapter), "--base-model", str(base), "--data", str(data), "--out", str(out), "--quiet"]
     assert main([*args, *flags]) == 2
     err = capsys.readouterr().err.strip()
