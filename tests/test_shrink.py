@@ -239,6 +239,8 @@ def test_auto_cap_finds_the_smallest_vllm_bucket_within_tolerance(rank4_task):
     with at_ranks(model, 1):
         assert eval_loss(model, batches) > result.best_quality * 1.01, "bucket 1 is rightly refused"
     assert result.passes <= 12
+    free = shrink(model, batches, tolerance=0.01, progress=False)
+    assert max(free.ranks.values()) <= 8 and result.params <= free.params, "below its bucket it halves as free does"
 
 
 def test_a_family_equals_its_single_tolerance_runs_and_shares_passes(toy_task):

@@ -199,19 +199,20 @@ def wide_setup(tmp_path_factory):
     return path
 
 
-# precision -> (shrink_adapter options, how far its full-rank eval loss may be from fp32's, relative)
+# id -> (shrink_adapter options, the base precision it reports, how far its full-rank eval loss may be from fp32's)
 PRECISIONS = {
-    "float32": ({"dtype": "float32"}, 1e-6),
-    "bfloat16": ({"dtype": "bfloat16"}, 0.02),
-    "8bit": ({"load_in_8bit": True}, 0.05),
-    "4bit": ({"load_in_4bit": True}, 0.10),
+    "float32": ({"dtype": "float32"}, "float32", 1e-6),
+    "bfloat16": ({"dtype": "bfloat16"}, "bfloat16", 0.02),
+    "8bit": ({"load_in_8bit": True}, "8bit", 0.05),
+    "4bit": ({"load_in_4bit": True}, "4bit", 0.10),
+    "device_map auto": ({"device_map": "auto", "dtype": "float32"}, "float32", 1e-6),
 }
 
 
-@pytest.mark.parametrize("precision", sorted(PRECISIONS))
-def test_every_precision_exports_an_adapter_plain_peft_loads_on_the_fp32_base(precision, wide_setup, tmp_path):
-    pytest.importorskip("bitsandbytes") if "bit" in precision else None
-    options, closeness = PRECISIONS[precision]
+@pytest.mark.parametrize("case", sorted(PRECISIONS))
+def test_every_precision_exports_an_adapter_plain_peft_loads_on_the_fp32_base(case, wide_setup, tmp_path):
+    pytest.importorskip("bitsandbytes") if "bit" in case else None
+    options, precision, closeness = PRECISIONS[case]
     base, adapter, data = str(wide_setup / "base"), wide_setup / "adapter", wide_setup / "eval.jsonl"
     report = shrink_adapter(adapter, base, data, tmp_path / "out", avg_rank=2, progress=False, **options)
     reference = shrink_adapter(adapter, base, data, tmp_path / "ref", avg_rank=2, progress=False, dtype="float32")
