@@ -41,6 +41,7 @@ import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from .evaluate import batch_loss_sum, eval_loss, model_device
+from .export import VLLM_MAX_LORA_RANKS
 from .loading import release_host_memory
 from .options import check_tolerance
 from .ranks import active_adapter_name, at_ranks, elastic_layers, max_ranks, module_shapes
@@ -253,8 +254,6 @@ def allocation_path(costs: dict[str, torch.Tensor], widths: dict[str, int]) -> l
 
 
 def _vllm_buckets_below(r: int) -> list[int]:
-    from .export import VLLM_MAX_LORA_RANKS
-
     return [b for b in reversed(VLLM_MAX_LORA_RANKS) if b < r]
 
 
