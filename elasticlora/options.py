@@ -37,6 +37,15 @@ def check_tolerance(tolerance: float, mode: str) -> None:
         raise ValueError(f"a relative `tolerance` must be in (0, 1] (0.01 = 1%), got {tolerance}")
 
 
+def check_max_rank(max_rank: int | str | None, budgeted: bool) -> None:
+    if max_rank is None or max_rank == "auto":
+        if max_rank == "auto" and budgeted:
+            raise ValueError("`max_rank='auto'` picks a bucket by tolerance: with a parameter budget give a number")
+        return
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"`max_rank` (--max-rank) must be a positive int or 'auto', got {max_rank!r}")
+
+
 @dataclass
 class ShrinkOptions:
     """How `elasticlora shrink` loads the base model, measures quality and writes the export."""
@@ -135,11 +144,7 @@ class ShrinkOptions:
             raise ValueError(f"`avg_rank` must be a non-negative number, got {self.avg_rank}")
         if self.budgeted and isinstance(self.tolerance, list):
             raise ValueError("a parameter budget gives one adapter: give several tolerances or a budget, not both")
-        if self.max_rank is not None and self.max_rank != "auto":
-            if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
-                raise ValueError(f"`max_rank` (--max-rank) must be a positive int or 'auto', got {self.max_rank!r}")
-        if self.max_rank == "auto" and self.budgeted:
-            raise ValueError("`max_rank='auto'` picks a bucket by tolerance: with a parameter budget give a number")
+        check_max_rank(self.max_rank, self.budgeted)
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.load_in_4bit and self.load_in_8bit:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .evaluate import batch_loss_sum, eval_loss, model_device
 from .export import VLLM_MAX_LORA_RANKS
 from .loading import release_host_memory
-from .options import check_tolerance
+from .options import check_max_rank, check_tolerance
 from .ranks import active_adapter_name, at_ranks, elastic_layers, max_ranks, module_shapes
 
 Quality = Callable[[nn.Module], float]
@@ -258,50 +258,14 @@ def _vllm_buckets_below(r: int) -> list[int]:
 
 
 def shrink(
-    model: nn.Module,
-    batches: Sequence[dict[str, torch.Tensor]],
-    tolerance: float | None = 0.01,
-    mode: str = "relative",
-    max_params: int | None = None,
-    quality: Quality | None = None,
-    higher_is_better: bool = False,
-    max_passes: int = 12,
-    max_rank: int | str | None = None,
-    adapter_name: str | None = None,
-    progress: bool = True,
-    autocast_dtype: torch.dtype | None = None,
-    gradient_checkpointing: bool = False,
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], tolerance: float | None = 0.01, **options
 ) -> ShrinkResult:
     """Choose per-module ranks for an elastic model (see the module docstring for the method).
 
-    Args:
-        model: a PEFT model with elastic layers (`get_peft_model(..., ElasticLoraConfig())` or `load_elastic`).
-        batches: eval batches (`data.eval_batches`); used for the sensitivity pass and, by default, for quality.
-        tolerance: allowed loss increase over the best measured quality: a fraction in relative mode (0.01 = 1%),
-            units of the metric in absolute mode. Ignored when `max_params` is given.
-        max_params: a parameter budget instead of a tolerance: the best configuration on the path within it.
-        quality: `quality(model) -> float` replacing eval loss (e.g. accuracy with `higher_is_better=True`).
-        max_passes: total passes over the eval data (sensitivity and every measured configuration); at least 4.
-        max_rank: cap every module's rank at this (a vLLM `--max-lora-rank` bucket, say) before the search; "auto"
-            finds the smallest vLLM bucket whose capped adapter is within tolerance. The result records the cap and
-            the quality it was measured at.
-        gradient_checkpointing: recompute block activations in the sensitivity pass (long eval rows).
+    `tolerance`: allowed loss increase over the best measured quality: a fraction in relative mode (0.01 = 1%),
+    units of the metric in absolute mode; ignored when `max_params` is given. `options`: see `shrink_family`.
     """
-    return shrink_family(
-        model,
-        batches,
-        [tolerance],
-        mode=mode,
-        max_params=max_params,
-        quality=quality,
-        higher_is_better=higher_is_better,
-        max_passes=max_passes,
-        max_rank=max_rank,
-        adapter_name=adapter_name,
-        progress=progress,
-        autocast_dtype=autocast_dtype,
-        gradient_checkpointing=gradient_checkpointing,
-    )[0]
+    return shrink_family(model, batches, [tolerance], **options)[0]
 
 
 def shrink_family(
@@ -323,6 +287,18 @@ def shrink_family(
 
     Each tolerance runs its own search, exactly as `shrink` would alone (same probes, same `passes`, same result);
     a configuration another tolerance already measured is read back instead of measured again.
+
+    Args:
+        model: a PEFT model with elastic layers (`get_peft_model(..., ElasticLoraConfig())` or `load_elastic`).
+        batches: eval batches (`data.eval_batches`); used for the sensitivity pass and, by default, for quality.
+        tolerances: one result per tolerance (see `shrink`); ignored when `max_params` is given.
+        max_params: a parameter budget instead of a tolerance: the best configuration on the path within it.
+        quality: `quality(model) -> float` replacing eval loss (e.g. accuracy with `higher_is_better=True`).
+        max_passes: passes over the eval data per search (sensitivity and every measured configuration); >= 4.
+        max_rank: cap every module's rank at this (a vLLM `--max-lora-rank` bucket, say) before the search; "auto"
+            finds the smallest vLLM bucket whose capped adapter is within tolerance. The result records the cap and
+            the quality it was measured at.
+        gradient_checkpointing: recompute block activations in the sensitivity pass (long eval rows).
     """
     if max_params is None:
         if not tolerances:
@@ -333,12 +309,7 @@ def shrink_family(
         raise ValueError(f"`max_params` must be a non-negative int, got {max_params!r}")
     if max_passes < 4:
         raise ValueError(f"`max_passes` must be >= 4 (sensitivity, full rank, base, one probe), got {max_passes}")
-    if max_rank is not None and max_rank != "auto" and (isinstance(max_rank, bool) or not isinstance(max_rank, int)):
-        raise ValueError(f"`max_rank` must be a positive int, 'auto' or None, got {max_rank!r}")
-    if isinstance(max_rank, int) and max_rank < 1:
-        raise ValueError(f"`max_rank` must be a positive int, 'auto' or None, got {max_rank!r}")
-    if max_rank == "auto" and max_params is not None:
-        raise ValueError("`max_rank='auto'` picks a bucket by tolerance: with `max_params` give a number")
+    check_max_rank(max_rank, budgeted=max_params is not None)
     if not batches:
         raise ValueError("`batches` is empty: shrink needs eval data")
     adapter = active_adapter_name(model, adapter_name)
