@@ -17,6 +17,7 @@ from peft import LoraConfig
 RANK_SAMPLERS = ("log2", "uniform", "none")
 TRUNCATION_SCALINGS = ("prefix", "component")
 DRAW_UNITS = ("example", "batch")
+TRUNCATION_BASES = ("index", "svd")
 
 # Fields that exist only on ElasticLoraConfig; their presence in adapter_config.json marks an elastic adapter.
 ELASTIC_FIELDS = (
@@ -27,6 +28,7 @@ ELASTIC_FIELDS = (
     "draw_per",
     "truncation_scale_power",
     "truncation_scaling",
+    "truncation_basis",
 )
 
 
@@ -129,6 +131,19 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
 
+    truncation_basis: Literal["index", "svd"] = field(
+        default="index",
+        metadata={
+            "help": (
+                "What a truncation keeps. 'index': components 0..k-1 of the trained factors, ordered by the weights "
+                "above. 'svd': the top k singular directions of the layer's current update B A, found each forward "
+                "pass in the r x r factored form with no gradient through the decomposition; every component "
+                "trains on every example, full-rank draws are plain LoRA steps, and the component weights are all "
+                "1. Shrink and export SVD-order the factors first."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._validate_elastic_fields()
@@ -145,6 +160,8 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(
                 f"`truncation_scaling` must be one of {TRUNCATION_SCALINGS}, got {self.truncation_scaling!r}"
             )
+        if self.truncation_basis not in TRUNCATION_BASES:
+            raise ValueError(f"`truncation_basis` must be one of {TRUNCATION_BASES}, got {self.truncation_basis!r}")
         if self.draw_per not in DRAW_UNITS:
             raise ValueError(f"`draw_per` must be one of {DRAW_UNITS}, got {self.draw_per!r}")
         if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank <= 0:
@@ -176,14 +193,16 @@ class ElasticLoraConfig(LoraConfig):
     def component_weights(self, r: int | None = None) -> list[float]:
         """Fixed weight of each rank component (all 1 under 'prefix' scaling) for a layer of rank `r`."""
         r = self.r if r is None else r
-        if self.truncation_scaling == "prefix":
+        if self.truncation_scaling == "prefix" or self.truncation_basis == "svd":
             return [1.0] * r
         power = self.truncation_scale_power
         return [r**power * ((j + 1) ** (1 - power) - j ** (1 - power)) for j in range(r)]
 
     def prefix_scale(self, r: int, k: int) -> float:
         """Weight shared by the components of the rank-k prefix (1 under 'component' scaling)."""
-        return (r / k) ** self.truncation_scale_power if self.truncation_scaling == "prefix" else 1.0
+        if self.truncation_scaling != "prefix" or self.truncation_basis == "svd":
+            return 1.0
+        return (r / k) ** self.truncation_scale_power
 
     def rank_support(self, r: int | None = None) -> list[int]:
         """The truncation ranks the sampler draws for a layer of rank `r` (default: `self.r`), ascending."""

@@ -20,6 +20,7 @@ import torch.nn as nn
 from peft import LoraConfig
 from safetensors.torch import save as save_bytes
 
+from .layer import prefix_factors
 from .ranks import RankSpec, active_adapter_name, elastic_layers, resolve_ranks
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -70,9 +71,7 @@ def export_peft_adapter(
     tensors: dict[str, torch.Tensor] = {}
     for name, k in kept.items():
         layer = layers[name]
-        state = layer.elastic_state[adapter]
-        weight_a = layer.lora_A[adapter].weight[:k].float()  # (k, in)
-        weight_b = layer.lora_B[adapter].weight[:, :k].float() * state.gains(k, weight_a.device, torch.float32)
+        weight_a, weight_b = prefix_factors(layer, adapter, k)  # (k, in), (out, k)
         weight_b = weight_b * layer.scaling[adapter]
         if pad_to_max_rank and k < max_rank:
             weight_a = torch.cat([weight_a, weight_a.new_zeros(max_rank - k, weight_a.shape[1])])

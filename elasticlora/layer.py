@@ -72,6 +72,7 @@ class ElasticState:
     weights: list[float]  # c_j, the fixed weight of component j (all 1 under prefix scaling)
     shared_prob: float
     draw_per: str
+    basis: str = "index"  # "svd": truncations keep the top singular directions of B A (see `svd_basis`)
     layer_key: int = 0
     rank: int | None = None  # fixed truncation; None = full rank in eval, sampled in training
     merged_rank: int | None = None
@@ -90,10 +91,13 @@ class ElasticState:
             support=support,
             probs=probs,
             scales=[config.prefix_scale(r, k) for k in support],
-            scale_power=config.truncation_scale_power if config.truncation_scaling == "prefix" else 0.0,
+            scale_power=config.truncation_scale_power
+            if config.truncation_scaling == "prefix" and config.truncation_basis == "index"
+            else 0.0,
             weights=config.component_weights(r),
             shared_prob=config.shared_draw_prob,
             draw_per=config.draw_per,
+            basis=config.truncation_basis,
             layer_key=zlib.crc32(target_name.encode()),
         )
 
@@ -187,6 +191,50 @@ def _effective_rank(state: ElasticState, rank: int | None) -> int:
     return state.r if rank is None else min(rank, state.r)
 
 
+@torch.no_grad()
+def _svd_basis(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, N), r x r in fp32, with `N M = I` and `B A = (B N)(M A)`, whose k leading components give the best rank-k
+    approximation of `B A`.
+
+    With `A A^T = L L^T` (L = Q diag(sqrt(lam)) from its eigendecomposition) the rows of `L^-1 A` are orthonormal, so
+    the singular vectors of `B A` are those of `B L`: `(B L)^T (B L) = V diag(s^2) V^T`, and M = V^T L^-1, N = L V.
+    O((in + out) r^2): two Gram matrices and two r x r eigendecompositions.
+    """
+    a, b = weight_a.float(), weight_b.float()
+    lam, q = torch.linalg.eigh(a @ a.T)
+    root = lam.clamp_min(lam.max().clamp_min(1e-30) * 1e-12).sqrt()
+    whiten = q * root  # L
+    bl = b @ whiten
+    _, v = torch.linalg.eigh(bl.T @ bl)
+    v = v.flip(-1)  # by decreasing singular value
+    return v.T @ (q / root).T, whiten @ v
+
+
+def svd_basis(
+    state: ElasticState, weight_a: torch.Tensor, weight_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_svd_basis` of a layer's factors, cached until either parameter changes (the optimizer step bumps their
+    version counters), so eval passes and checkpointed recomputation reuse it."""
+    key = (weight_a.data_ptr(), weight_a._version, weight_b.data_ptr(), weight_b._version, weight_a.device)
+    cached = state._tables.get("basis")
+    if cached is None or cached[0] != key:
+        cached = (key, *_svd_basis(weight_a, weight_b))
+        state._tables["basis"] = cached
+    return cached[1], cached[2]
+
+
+def prefix_factors(module: LoraLayer, adapter: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 `(A_k, B_k)`, (k, in) and (out, k), of the rank-k truncation (component weights folded into B_k, PEFT's
+    `scaling` not): `B_k A_k` is the update at rank k over `scaling`."""
+    state: ElasticState = module.elastic_state[adapter]
+    weight_a = module.lora_A[adapter].weight
+    weight_b = module.lora_B[adapter].weight
+    if state.basis == "svd":
+        m, n = svd_basis(state, weight_a, weight_b)
+        return m[:k] @ weight_a.float(), weight_b.float() @ n[:, :k]
+    return weight_a[:k].float(), weight_b[:, :k].float() * state.gains(k, weight_b.device, torch.float32)
+
+
 def elastic_delta_weight(module: LoraLayer, adapter: str, rank: int | None = None) -> torch.Tensor:
     """The weight update `scaling * s(k) * B[:, :k] A[:k]` in the base weight's layout, at `rank` (None: full)."""
     state: ElasticState = module.elastic_state[adapter]
@@ -198,8 +246,8 @@ def elastic_delta_weight(module: LoraLayer, adapter: str, rank: int | None = Non
         delta = torch.zeros(weight_b.shape[0], weight_a.shape[1], device=weight_b.device, dtype=dtype)
         return transpose(delta, module.fan_in_fan_out)
     # fp32 accumulation: CPUs are slow and inexact at half-precision matmuls
-    delta = (weight_b[:, :k].float() * state.gains(k, weight_b.device, torch.float32)) @ weight_a[:k].float()
-    delta = delta * module.scaling[adapter]
+    factor_a, factor_b = prefix_factors(module, adapter, k)
+    delta = (factor_b @ factor_a) * module.scaling[adapter]
     return transpose(delta.to(dtype), module.fan_in_fan_out)
 
 
@@ -290,13 +338,23 @@ class ElasticVariant(LoraVariant):
         # PEFT's layer has already cast x where it casts for vanilla LoRA (not under autocast for bitsandbytes)
         if state.rank is None and module.training and state.samples:
             h = lora_a(dropout(x))  # (B, ..., r)
-            return result + lora_b(h * state.training_mask(h)) * scaling
+            if state.basis == "index":
+                return result + lora_b(h * state.training_mask(h)) * scaling
+            # drop the trailing singular directions: h - N ((1 - m) * (M h)), so full-rank rows stay exactly h
+            m, n = (t.to(h.dtype) for t in svd_basis(state, lora_a.weight, lora_b.weight))
+            tail = F.linear(h, m) * (1 - state.training_mask(h))
+            return result + lora_b(h - F.linear(tail, n)) * scaling
         k = _effective_rank(state, state.rank)
         if k == state.r:  # through the lora_A module, whose output hook `shrink.sensitivity` reads
             h = lora_a(dropout(x))
             return result + lora_b(h * state.gains(k, h.device, h.dtype) if state.weighted else h) * scaling
         if k == 0:
             return result
+        if state.basis == "svd":
+            m, n = svd_basis(state, lora_a.weight, lora_b.weight)
+            weight_a = (m[:k] @ lora_a.weight.float()).to(lora_a.weight.dtype)
+            h = F.linear(dropout(x), weight_a)  # (B, ..., k) in the singular basis
+            return result + F.linear(F.linear(h, n[:, :k].to(h.dtype)), lora_b.weight) * scaling
         h = F.linear(dropout(x), lora_a.weight[:k])  # (B, ..., k)
         if not state.weighted:
             return result + F.linear(h, lora_b.weight[:, :k]) * (scaling * state.scale_at(k))

@@ -313,6 +313,8 @@ def shrink_family(
     if not batches:
         raise ValueError("`batches` is empty: shrink needs eval data")
     adapter = active_adapter_name(model, adapter_name)
+    if any(layer.elastic_state[adapter].basis == "svd" for layer in elastic_layers(model).values()):
+        svd_reorder(model, adapter)  # the sensitivity pass reads the components in their stored order
     widths = {name: sum(shape) for name, shape in module_shapes(model, adapter).items()}
     metric_name = "eval_loss" if quality is None else getattr(quality, "__name__", "quality")
     higher_is_better = bool(quality is not None and higher_is_better)

@@ -20,11 +20,12 @@ SCALINGS = [
     {"truncation_scale_power": 0.5, "truncation_scaling": "prefix"},
     {"truncation_scale_power": 1.0, "truncation_scaling": "prefix"},
     {"truncation_scale_power": 0.5, "truncation_scaling": "component"},
+    {"truncation_basis": "svd"},
 ]
 
 
 @pytest.mark.parametrize("pad", [False, True], ids=["rank_pattern", "padded"])
-@pytest.mark.parametrize("scaling", SCALINGS, ids=["pow0", "pow0.5", "pow1", "component0.5"])
+@pytest.mark.parametrize("scaling", SCALINGS, ids=["pow0", "pow0.5", "pow1", "component0.5", "svd"])
 @pytest.mark.parametrize("model_id", sorted(MODELS))
 def test_export_reloads_in_plain_peft_with_identical_outputs(model_id, scaling, pad, tmp_path, input_ids):
     model = get_peft_model(MODELS[model_id](), ElasticLoraConfig(r=8, **scaling))

@@ -1,0 +1,159 @@
+"""`truncation_basis="svd"`: truncations keep the top singular directions of each layer's current update."""
+
+import pytest
+import torch
+from conftest import randomize_lora, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, load_elastic
+from elasticlora.layer import elastic_delta_weight
+from elasticlora.shrink import shrink
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def svd_model(**kwargs):
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(**{"r": 8, "truncation_basis": "svd", **kwargs}))
+    randomize_lora(model)
+    return model
+
+
+def best_rank_k(delta: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(delta.double())
+    return ((u[:, :k] * s[:k]) @ vh[:k]).float()
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_rank_k_is_the_best_rank_k_approximation_of_the_update(k, input_ids):
+    model = svd_model().eval()
+    for layer in elastic_layers(model).values():
+        full = elastic_delta_weight(layer, "default")
+        assert torch.allclose(elastic_delta_weight(layer, "default", k), best_rank_k(full, k), atol=1e-5)
+    # the forward pass at rank k is the base model plus that update, in every layer at once
+    merged = tiny_llama()
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, layer in elastic_layers(model).items():
+            modules[name].weight += best_rank_k(elastic_delta_weight(layer, "default"), k)
+        with at_ranks(model, k):
+            assert torch.allclose(model(input_ids).logits, merged(input_ids).logits, atol=1e-4)
+
+
+def test_full_rank_is_plain_peft_lora(tmp_path, input_ids):
+    model = svd_model().eval()
+    model.save_pretrained(tmp_path)
+    plain = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids).logits, plain(input_ids).logits, atol=1e-6)
+    plain_config = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear")
+    reference = get_peft_model(tiny_llama(), plain_config)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_each_example_trains_its_own_drawn_rank():
+    """In training mode example b sees the adapter truncated to its drawn rank; full-rank rows are plain LoRA."""
+    layer = elastic_layers(svd_model(full_rank_prob=0.3))[Q_PROJ]
+    state = layer.elastic_state["default"]
+    x = torch.randn(32, 5, layer.in_features)
+    layer.train()
+    y = layer(x)
+    ks = state.drawn_ranks().tolist()
+    assert 8 in ks and len(set(ks)) > 2
+    layer.eval()
+    for b, k in enumerate(ks):
+        layer.set_elastic_rank(k, "default")
+        expected = layer(x[b : b + 1])[0]
+        assert torch.equal(y[b], expected) if k == 8 else torch.allclose(y[b], expected, atol=1e-5)
+    layer.set_elastic_rank(None, "default")
+
+
+def test_a_truncated_example_trains_every_component():
+    """Unlike index truncation (whose dropped components get zero gradient), a rank-1 draw moves all of A and B."""
+    model = get_peft_model(
+        tiny_llama(), ElasticLoraConfig(r=8, truncation_basis="svd", full_rank_prob=0.0, min_rank=1)
+    )
+    randomize_lora(model)
+    layer = elastic_layers(model)[Q_PROJ]
+    x = torch.randn(1, 5, layer.in_features)
+    layer.train()
+    for _ in range(50):  # until rank 1 is drawn
+        layer.zero_grad()
+        layer(x).sum().backward()
+        if layer.elastic_state["default"].drawn_ranks().tolist() == [1]:
+            break
+    else:
+        pytest.fail("rank 1 never drawn")
+    grad_a, grad_b = layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+    assert (grad_a.abs().sum(1) > 0).all() and (grad_b.abs().sum(0) > 0).all()
+    # and it is the gradient of the rank-1 truncation with the basis held fixed
+    a = layer.lora_A["default"].weight.detach().requires_grad_(True)
+    b = layer.lora_B["default"].weight.detach().requires_grad_(True)
+    from elasticlora.layer import _svd_basis
+
+    m, n = _svd_basis(a, b)
+    out = (x @ a.T @ m[:1].T @ n[:, :1].T @ b.T) * layer.scaling["default"]
+    out.sum().backward()
+    assert torch.allclose(grad_a, a.grad, atol=1e-5) and torch.allclose(grad_b, b.grad, atol=1e-5)
+
+
+def test_basis_follows_the_optimizer(input_ids):
+    """The cached basis is recomputed after a step changes the factors, so rank k stays the best rank-k update."""
+    model = svd_model(lora_dropout=0.0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        model.train()
+        model(input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        layer = elastic_layers(model)[Q_PROJ]
+        full = elastic_delta_weight(layer, "default")
+        assert torch.allclose(elastic_delta_weight(layer, "default", 2), best_rank_k(full, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, input_ids):
+    def grads(checkpointing):
+        model = svd_model()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        torch.manual_seed(7)
+        model(input_ids, labels=input_ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_shrink_orders_the_factors_and_keeps_every_truncation(tmp_path, input_ids):
+    """Shrink SVD-orders the factors in place (the update, so every truncation, is unchanged); a reloaded adapter
+    truncates the same way."""
+    model = svd_model().eval()
+    with torch.no_grad():
+        before = {k: at_ranks_logits(model, k, input_ids) for k in (1, 4, 8)}
+    model.save_pretrained(tmp_path / "adapter")
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    shrink(model, [batch], tolerance=0.05, progress=False)
+    reloaded = load_elastic(tiny_llama(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        for k, logits in before.items():
+            assert torch.allclose(at_ranks_logits(model, k, input_ids), logits, atol=1e-4)
+            assert torch.allclose(at_ranks_logits(reloaded, k, input_ids), logits, atol=1e-4)
+    # ordered factors: the prefix of the stored components is the truncation
+    layer = elastic_layers(model)[Q_PROJ]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    sliced = (b[:, :2] @ a[:2]) * layer.scaling["default"]
+    assert torch.allclose(sliced, elastic_delta_weight(layer, "default", 2), atol=1e-5)
+
+
+def at_ranks_logits(model, k, input_ids):
+    with at_ranks(model, k):
+        return model(input_ids).logits
+
+
+def test_bad_basis_is_refused():
+    with pytest.raises(ValueError, match="truncation_basis"):
+        ElasticLoraConfig(truncation_basis="qr")
