@@ -36,18 +36,19 @@ ELASTIC_FIELDS = (
 class ElasticLoraConfig(LoraConfig):
     """LoRA trained at maximum rank `r` with nested ("matryoshka") dropout over the rank dimension.
 
-    In training mode each adapted layer keeps only its first `k` rank components, `k` drawn at random, so the
-    leading components learn what matters most and every prefix `B[:, :k] A[:k]` is itself a usable adapter. The
-    adapter at truncation `k` computes
+    In training mode each example runs the adapter truncated to a rank `k` drawn at random (every layer at the same
+    `k` by default), so each truncation learns to stand on its own. By default a truncation keeps the top `k`
+    singular directions of each layer's current update `B A` (`truncation_basis='svd'`):
 
-        x -> W0 x + scaling * B[:, :k] diag(s(k) * c[:k]) A[:k] x
+        x -> W0 x + scaling * B N[:, :k] M[:k] A x,     B A = (B N)(M A) ordered by singular value,
 
-    where `scaling` is PEFT's (`lora_alpha / sqrt(r)` with the default `use_rslora=True`, else `lora_alpha / r`) and
-    `s(k) c_j` weighs component j in the prefix of rank k (`truncation_scaling`, `truncation_scale_power`). By
-    default `c_j = sqrt(r) (sqrt(j + 1) - sqrt(j))`, `s = 1`: every prefix is a plain sum of the same components and
-    the prefix of rank k weighs `sqrt(r k)`, so with Adam it learns about as fast as an rsLoRA of rank k does, at
-    the learning rate one would give that LoRA. The saved `lora_B` holds `B diag(c)`: at full rank a checkpoint is
-    the PEFT LoRA layer holding the same weights.
+    with the r x r basis (M, N) found in factored form each step and no gradient through it. A full-rank draw
+    (`full_rank_prob`, half the examples by default) is a plain LoRA step; a truncated one still trains all of A
+    and B. `scaling` is PEFT's (`lora_alpha / sqrt(r)` with the default `use_rslora=True`, else `lora_alpha / r`).
+    A checkpoint is an ordinary PEFT LoRA holding `B` and `A`; shrink and export find the same ordering from it.
+
+    `truncation_basis='index'` is the earlier recipe, kept for adapters trained with it: truncation keeps the
+    first `k` stored components, weighted by `truncation_scaling` / `truncation_scale_power`.
 
     `get_peft_model(model, ElasticLoraConfig())` needs no arguments: every linear layer but the output head is
     adapted at rank 64.
@@ -82,16 +83,16 @@ class ElasticLoraConfig(LoraConfig):
         default=1, metadata={"help": "Smallest truncation rank drawn in training (1 <= min_rank <= r)."}
     )
     full_rank_prob: float = field(
-        default=0.25,
+        default=0.5,
         metadata={
             "help": (
-                "Probability that a draw trains the full rank r, on top of the sampler's own share of r; keeps the "
-                "trailing components, which only full-rank draws reach, trained."
+                "Probability that a draw trains the full rank r, on top of the sampler's share of r: the part of "
+                "the data that trains the full adapter exactly as plain LoRA would; the rest trains truncations."
             )
         },
     )
     shared_draw_prob: float = field(
-        default=0.5,
+        default=1.0,
         metadata={
             "help": (
                 "Probability that a draw is shared by every layer (the whole model runs at one truncation rank for "
@@ -111,10 +112,10 @@ class ElasticLoraConfig(LoraConfig):
         default=0.5,
         metadata={
             "help": (
-                "How much more the leading components weigh, in [0, 1]: the prefix of rank k weighs "
-                "r ** power * k ** (1 - power) in all, against k for plain sums (power 0). 0.5 gives each prefix "
-                "the weight of an rsLoRA of rank k, so each prefix learns about as fast as a LoRA trained at its "
-                "rank; 1 makes every prefix r times the mean of its components."
+                "truncation_basis='index' only. How much more the leading components weigh, in [0, 1]: the "
+                "prefix of rank k weighs r ** power * k ** (1 - power) in all, against k for plain sums (power 0). "
+                "0.5 gives each prefix the weight of an rsLoRA of rank k; 1 makes every prefix r times the mean of "
+                "its components."
             )
         },
     )
@@ -122,24 +123,24 @@ class ElasticLoraConfig(LoraConfig):
         default="component",
         metadata={
             "help": (
-                "Where that weight goes. 'prefix': the k components of a prefix share it evenly, (r / k) ** power "
-                "each, a weight that changes with k (DyLoRA's lora_alpha / k for power 1). 'component': component j "
-                "has the fixed weight r ** power * ((j + 1) ** (1 - power) - j ** (1 - power)), so every prefix is "
-                "the plain sum of the same weighted components, as the truncations of an SVD are; needs power < 1. "
+                "truncation_basis='index' only. Where that weight goes. 'prefix': the k components of a prefix "
+                "share it evenly, (r / k) ** power each (DyLoRA's lora_alpha / k for power 1). 'component': "
+                "component j has the fixed weight r ** power * ((j + 1) ** (1 - power) - j ** (1 - power)), so "
+                "every prefix is the plain sum of the same weighted components; needs power < 1. "
                 "Saved lora_B holds the weights folded in, so a checkpoint stays a plain LoRA."
             )
         },
     )
 
     truncation_basis: Literal["index", "svd"] = field(
-        default="index",
+        default="svd",
         metadata={
             "help": (
-                "What a truncation keeps. 'index': components 0..k-1 of the trained factors, ordered by the weights "
-                "above. 'svd': the top k singular directions of the layer's current update B A, found each forward "
-                "pass in the r x r factored form with no gradient through the decomposition; every component "
-                "trains on every example, full-rank draws are plain LoRA steps, and the component weights are all "
-                "1. Shrink and export SVD-order the factors first."
+                "What a truncation to rank k keeps. 'svd': the top k singular directions of the layer's current "
+                "update B A, found each step in r x r factored form with no gradient through the decomposition; "
+                "a truncated example trains all of A and B, a full-rank one is a plain LoRA step, and the two "
+                "settings below are unused. 'index': the first k stored components, weighted as the two settings "
+                "below say (the earlier recipe, kept for adapters trained with it)."
             )
         },
     )

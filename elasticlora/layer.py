@@ -198,16 +198,17 @@ def _svd_basis(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Te
 
     With `A A^T = L L^T` (L = Q diag(sqrt(lam)) from its eigendecomposition) the rows of `L^-1 A` are orthonormal, so
     the singular vectors of `B A` are those of `B L`: `(B L)^T (B L) = V diag(s^2) V^T`, and M = V^T L^-1, N = L V.
-    O((in + out) r^2): two Gram matrices and two r x r eigendecompositions.
+    O((in + out) r^2): two Gram matrices and two r x r eigendecompositions, with no host synchronisation.
     """
     a, b = weight_a.float(), weight_b.float()
-    lam, q = torch.linalg.eigh(a @ a.T)
-    root = lam.clamp_min(lam.max().clamp_min(1e-30) * 1e-12).sqrt()
-    whiten = q * root  # L
-    bl = b @ whiten
-    _, v = torch.linalg.eigh(bl.T @ bl)
+    # non-finite factors (a diverged run) give a finite basis, so the outputs are non-finite as plain LoRA's are
+    lam, q = torch.linalg.eigh(torch.nan_to_num(a @ a.T, 0.0, 0.0, 0.0))  # defined however ill-conditioned A is
+    root = lam.clamp_min(lam.max().clamp_min(1e-30) * 1e-12).sqrt()  # a rank-deficient A: whiten its range
+    low, low_inv = q * root, (q / root).T
+    bl = b @ low
+    _, v = torch.linalg.eigh(torch.nan_to_num(bl.T @ bl, 0.0, 0.0, 0.0))
     v = v.flip(-1)  # by decreasing singular value
-    return v.T @ (q / root).T, whiten @ v
+    return v.T @ low_inv, low @ v
 
 
 def svd_basis(

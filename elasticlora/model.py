@@ -36,11 +36,13 @@ def elastic_config_from_dir(adapter_dir: str | Path, **overrides) -> ElasticLora
     """An ElasticLoraConfig for a saved adapter.
 
     A plain LoRA gets `rank_sampler='none'` and `truncation_scale_power=0` (every component weighs 1): its
-    components were trained under one scale, so a truncation keeps that scale (unless overridden).
+    components were trained under one scale, so a truncation keeps that scale (unless overridden); shrinking it
+    SVD-orders its components first. An elastic adapter saved before `truncation_basis` existed keeps 'index'.
     """
     raw = read_adapter_config(adapter_dir)
     if not any(name in raw for name in ELASTIC_FIELDS):
         raw.update(rank_sampler="none", truncation_scale_power=0.0, truncation_scaling="prefix")
+    raw.setdefault("truncation_basis", "index")  # saved before the field existed: the recipe it was trained with
     known = ElasticLoraConfig.__dataclass_fields__
     kwargs = {k: v for k, v in raw.items() if k in known and known[k].init}
     kwargs.update(overrides)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import batch_loss_sum, eval_loss, model_device
 from .export import VLLM_MAX_LORA_RANKS
+from .layer import svd_basis
 from .loading import release_host_memory
 from .options import check_max_rank, check_tolerance
 from .ranks import active_adapter_name, at_ranks, elastic_layers, max_ranks, module_shapes
@@ -161,8 +162,15 @@ def sensitivity(
         scale = torch.tensor([0.0] + [state.scale_at(int(k)) for k in ks[1:]], dtype=torch.float64)
 
         def on_forward(module, inputs, h):
+            basis = None
+            if state.basis == "svd":  # components in the singular basis: z = M h, and dL/dz = N^T dL/dh
+                basis = [t.double() for t in svd_basis(state, module.weight, layer.lora_B[adapter].weight)]
+
             def on_grad(u):
-                p = (u.double() * h.detach().double()).reshape(-1, r)  # (N, r): per-token u_i h_i
+                z, u = h.detach().double(), u.double()
+                if basis is not None:
+                    z, u = z @ basis[0].T, u @ basis[1]
+                p = (u * z).reshape(-1, r)  # (N, r): per-token u_i z_i
                 prefix = torch.nn.functional.pad(p.cumsum(1), (1, 0))  # (N, r + 1): sum_{i<k} u_i h_i
                 v = prefix * scale.to(p.device) - prefix[:, -1:]  # (N, r + 1): first-order loss change at k
                 costs[name] += v.square().sum(0).cpu()
@@ -313,8 +321,6 @@ def shrink_family(
     if not batches:
         raise ValueError("`batches` is empty: shrink needs eval data")
     adapter = active_adapter_name(model, adapter_name)
-    if any(layer.elastic_state[adapter].basis == "svd" for layer in elastic_layers(model).values()):
-        svd_reorder(model, adapter)  # the sensitivity pass reads the components in their stored order
     widths = {name: sum(shape) for name, shape in module_shapes(model, adapter).items()}
     metric_name = "eval_loss" if quality is None else getattr(quality, "__name__", "quality")
     higher_is_better = bool(quality is not None and higher_is_better)

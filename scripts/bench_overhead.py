@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
+from sampling_study import parse_arm
+
 from elasticlora import ElasticLoraConfig
 from elasticlora.loading import load_model_and_tokenizer
 
@@ -62,7 +64,7 @@ def run(name: str, base: torch.nn.Module, args, device: torch.device) -> dict:
     arms = {}
     for arm, config in (
         ("peft_lora", LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules="all-linear")),
-        ("elastic", ElasticLoraConfig(r=args.rank)),
+        ("elastic", ElasticLoraConfig(r=args.rank, **parse_arm(args.arm))),
     ):
         torch.manual_seed(0)
         model = get_peft_model(copy.deepcopy(base), config).to(device).train()
@@ -102,6 +104,7 @@ def run(name: str, base: torch.nn.Module, args, device: torch.device) -> dict:
                 if device.type == "cuda":
                     peak[arm] = max(peak.get(arm, 0), torch.cuda.max_memory_allocated())
     result = {"model": name, "rank": args.rank, "batch": [args.batch_size, args.seq_len], "bf16": args.bf16}
+    result["arm"] = args.arm
     for arm, (model, _) in arms.items():
         result[arm] = {
             "step_s_median": statistics.median(times[arm]),
@@ -122,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--arm", default="default", help="ElasticLoraConfig fields, 'a=1,b=2' (default: the defaults)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)

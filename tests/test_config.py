@@ -101,10 +101,14 @@ def test_component_scaling_needs_a_power_below_one():
 @pytest.mark.parametrize("power", [0.0, 0.25, 0.5, 0.75])
 def test_component_weights_give_each_prefix_its_total_weight(power):
     """The first k components weigh r ** power * k ** (1 - power) together, as a prefix does under prefix scaling."""
-    config = ElasticLoraConfig(r=32, truncation_scaling="component", truncation_scale_power=power)
+    config = ElasticLoraConfig(
+        r=32, truncation_scaling="component", truncation_scale_power=power, truncation_basis="index"
+    )
     weights = torch.tensor(config.component_weights(), dtype=torch.float64)
     ks = torch.arange(1, 33, dtype=torch.float64)
     assert torch.allclose(weights.cumsum(0), 32**power * ks ** (1 - power))
     assert torch.all(weights[1:] <= weights[:-1])  # leading components weigh the most
-    prefix = ElasticLoraConfig(r=32, truncation_scale_power=power, truncation_scaling="prefix")
+    prefix = ElasticLoraConfig(
+        r=32, truncation_scale_power=power, truncation_scaling="prefix", truncation_basis="index"
+    )
     assert all(prefix.prefix_scale(32, int(k)) * k == pytest.approx(32**power * k ** (1 - power)) for k in ks)

@@ -8,7 +8,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, load_elastic, set_ranks
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
-COMPONENT = dict(truncation_scaling="component", truncation_scale_power=0.5)
+INDEX = dict(truncation_basis="index")  # the earlier recipe: truncation keeps the first k stored components
+COMPONENT = dict(truncation_scaling="component", truncation_scale_power=0.5, **INDEX)
 
 
 def elastic_model(model_id="llama", **kwargs):
@@ -52,7 +53,7 @@ def test_full_rank_eval_equals_plain_peft_lora(model_id, scaling, input_ids):
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_rank_k_equals_peft_lora_sliced_to_k(k, power, input_ids):
-    model = elastic_model(truncation_scale_power=power, truncation_scaling="prefix").eval()
+    model = elastic_model(truncation_scale_power=power, truncation_scaling="prefix", **INDEX).eval()
     # a rank-k rsLoRA with the same scale: alpha_k / sqrt(k) == 16 / sqrt(8) * (8 / k) ** power
     alpha_k = 16 / 8**0.5 * (8 / k) ** power * k**0.5
     plain = get_peft_model(
@@ -73,7 +74,9 @@ def test_rank_zero_drops_the_adapter(input_ids):
         assert torch.equal(model(input_ids).logits, tiny_llama()(input_ids).logits)
 
 
-@pytest.mark.parametrize("scaling", [{}, COMPONENT], ids=["prefix", "component"])
+@pytest.mark.parametrize(
+    "scaling", [{"truncation_scaling": "prefix", **INDEX}, COMPONENT], ids=["prefix", "component"]
+)
 def test_each_example_trains_its_own_drawn_rank(scaling):
     """In training mode example b of a batch sees exactly the adapter truncated to its drawn rank k_b."""
     model = elastic_model(full_rank_prob=0.0, **scaling)
@@ -92,7 +95,8 @@ def test_each_example_trains_its_own_drawn_rank(scaling):
 
 
 def test_masked_components_receive_zero_gradient():
-    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, full_rank_prob=0.0, init_lora_weights=False))
+    config = ElasticLoraConfig(r=8, full_rank_prob=0.0, init_lora_weights=False, **INDEX)
+    model = get_peft_model(tiny_llama(), config)
     layer = elastic_layers(model)[Q_PROJ]
     x = torch.randn(1, 5, layer.in_features)
     layer.train()
@@ -132,7 +136,7 @@ def test_shared_draws_give_whole_model_configurations(shared_draw_prob):
 
 def test_independent_layer_draws_differ_and_are_reproducible(input_ids):
     def draws():
-        model = elastic_model().train()
+        model = elastic_model(shared_draw_prob=0.5).train()
         torch.manual_seed(123)
         model(input_ids)
         return [layer.elastic_state["default"].drawn_ranks() for layer in elastic_layers(model).values()]

@@ -1,5 +1,7 @@
 """`truncation_basis="svd"`: truncations keep the top singular directions of each layer's current update."""
 
+import copy
+
 import pytest
 import torch
 from conftest import randomize_lora, tiny_llama
@@ -7,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, load_elastic
 from elasticlora.layer import elastic_delta_weight
-from elasticlora.shrink import shrink
+from elasticlora.shrink import sensitivity, shrink, svd_reorder
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
@@ -128,25 +130,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, input_id
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
 
 
-def test_shrink_orders_the_factors_and_keeps_every_truncation(tmp_path, input_ids):
-    """Shrink SVD-orders the factors in place (the update, so every truncation, is unchanged); a reloaded adapter
-    truncates the same way."""
+def test_shrink_reads_the_singular_components_and_leaves_the_model_alone(tmp_path, input_ids):
+    """Sensitivity costs equal those of the SVD-ordered factors; shrink modifies nothing; a reloaded adapter truncates
+    the same way."""
     model = svd_model().eval()
-    with torch.no_grad():
-        before = {k: at_ranks_logits(model, k, input_ids) for k in (1, 4, 8)}
+    batches = [{"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}]
+    ordered = copy.deepcopy(model)
+    svd_reorder(ordered)
+    for layer in elastic_layers(ordered).values():  # ordered factors: the stored prefix is the truncation
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        sliced = (b[:, :2] @ a[:2]) * layer.scaling["default"]
+        assert torch.allclose(sliced, elastic_delta_weight(layer, "default", 2), atol=1e-5)
+    expected = sensitivity(ordered, batches, progress=False)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    got = sensitivity(model, batches, progress=False)
+    assert all(torch.allclose(got[n], expected[n], rtol=1e-4, atol=1e-12) for n in expected)
+    shrink(model, batches, tolerance=0.05, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
     model.save_pretrained(tmp_path / "adapter")
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
-    shrink(model, [batch], tolerance=0.05, progress=False)
     reloaded = load_elastic(tiny_llama(), tmp_path / "adapter").eval()
     with torch.no_grad():
-        for k, logits in before.items():
-            assert torch.allclose(at_ranks_logits(model, k, input_ids), logits, atol=1e-4)
-            assert torch.allclose(at_ranks_logits(reloaded, k, input_ids), logits, atol=1e-4)
-    # ordered factors: the prefix of the stored components is the truncation
-    layer = elastic_layers(model)[Q_PROJ]
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    sliced = (b[:, :2] @ a[:2]) * layer.scaling["default"]
-    assert torch.allclose(sliced, elastic_delta_weight(layer, "default", 2), atol=1e-5)
+        for k in (1, 4, 8):
+            assert torch.allclose(at_ranks_logits(reloaded, k, input_ids), at_ranks_logits(model, k, input_ids))
 
 
 def at_ranks_logits(model, k, input_ids):
