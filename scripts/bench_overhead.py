@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-
 from sampling_study import parse_arm
 
 from elasticlora import ElasticLoraConfig
