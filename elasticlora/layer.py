@@ -2,8 +2,8 @@
 
 Nothing of LoRA is re-implemented here. Each elastic layer is a subclass of a PEFT LoRA layer (`nn.Linear`,
 transformers `Conv1D`, bitsandbytes `Linear8bitLt`/`Linear4bit`) whose `lora_variant` is `ElasticVariant`, so PEFT's
-forward, merge and mixed-batch code paths call into the variant. For an input `x` of shape (B, ..., in) the variant
-computes
+forward, merge and mixed-batch code paths call into the variant. For an input `x` of shape (B, ..., in) and
+`truncation_basis='index'` the variant computes
 
     h = A x                                  # (B, ..., r)
     y = W0 x + scaling * B (h * m)           # m: (B, 1, ..., r), m[b, j] = s(k_b) c_j if j < k_b else 0
@@ -13,6 +13,10 @@ in training, with `k_b` drawn per example (or per batch), a prefix scale `s(k)` 
 `c_j` from `ElasticLoraConfig.component_weights`). That costs O(B * T * r) against the O(B * T * r * width) of the
 LoRA matmuls. At a fixed truncation `k` (eval, shrink, export) it slices instead: `scaling * B[:, :k] (g_k * A[:k] x)`
 with `g_k = s(k) c[:k]`, which is cheaper than full rank.
+
+Under `truncation_basis='svd'` (the default) the components are instead those of the current update in its singular
+basis: `B A = (B N)(M A)` with r x r matrices from `svd_basis`, so a training draw computes `B (h - N ((1 - m) * (M
+h)))` (full-rank rows are exactly `B h`) and a fixed truncation `B N[:, :k] (M[:k] A x)`; the weights are all 1.
 
 With component weights, the parameter `lora_B` holds `B / c` (so Adam moves component j at a speed proportional to
 `c_j`) and the state dict holds `B` itself: a saved checkpoint is a plain LoRA at full rank.

@@ -1,6 +1,7 @@
 """`truncation_basis="svd"`: truncations keep the top singular directions of each layer's current update."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -162,3 +163,32 @@ def at_ranks_logits(model, k, input_ids):
 def test_bad_basis_is_refused():
     with pytest.raises(ValueError, match="truncation_basis"):
         ElasticLoraConfig(truncation_basis="qr")
+
+
+def test_default_draws_one_rank_per_example_and_full_rank_for_most():
+    """The default recipe: each example runs every layer at one rank; full rank for full_rank_prob plus the
+    sampler's share of it (0.5 + 0.5 / 4 with support {1, 2, 4, 8}), every other rank of the support equally."""
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8)).train()
+    torch.manual_seed(0)
+    model(torch.randint(0, 64, (4000, 2)))
+    draws = torch.stack([layer.elastic_state["default"].drawn_ranks() for layer in elastic_layers(model).values()])
+    assert (draws == draws[0]).all()
+    shares = {k: (draws[0] == k).float().mean().item() for k in (1, 2, 4, 8)}
+    assert shares[8] == pytest.approx(0.625, abs=0.03)
+    assert all(share == pytest.approx(0.125, abs=0.02) for k, share in shares.items() if k < 8)
+
+
+def test_an_adapter_saved_before_the_basis_field_keeps_index_truncation(tmp_path, input_ids):
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, truncation_basis="index"))
+    randomize_lora(model)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    del raw["truncation_basis"]
+    path.write_text(json.dumps(raw))
+    reloaded = load_elastic(tiny_llama(), tmp_path).eval()
+    assert all(layer.elastic_state["default"].basis == "index" for layer in elastic_layers(reloaded).values())
+    with torch.no_grad():
+        for k in (1, 3):
+            expected = at_ranks_logits(model.eval(), k, input_ids)
+            assert torch.allclose(at_ranks_logits(reloaded, k, input_ids), expected, atol=1e-5)  # B * c / c rounding
