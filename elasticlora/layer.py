@@ -28,7 +28,9 @@ checkpointing recomputes a forward pass during backward.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -195,6 +197,21 @@ def _effective_rank(state: ElasticState, rank: int | None) -> int:
     return state.r if rank is None else min(rank, state.r)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run r x r linear algebra on one CPU thread: LAPACK's threads cost far more than these small problems (one
+    32 x 32 `eigh` took 1-20 ms on two threads of a busy 2-core CPU against 0.08 ms on one)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def _svd_basis(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, N), r x r in fp32, with `N M = I` and `B A = (B N)(M A)`, whose k leading components give the best rank-k
@@ -204,7 +221,11 @@ def _svd_basis(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Te
     the singular vectors of `B A` are those of `B L`: `(B L)^T (B L) = V diag(s^2) V^T`, and M = V^T L^-1, N = L V.
     O((in + out) r^2): two Gram matrices and two r x r eigendecompositions, with no host synchronisation.
     """
-    a, b = weight_a.float(), weight_b.float()
+    with _one_cpu_thread(weight_a.device):
+        return _svd_basis_of(weight_a.float(), weight_b.float())
+
+
+def _svd_basis_of(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # non-finite factors (a diverged run) give a finite basis, so the outputs are non-finite as plain LoRA's are
     lam, q = torch.linalg.eigh(torch.nan_to_num(a @ a.T, 0.0, 0.0, 0.0))  # defined however ill-conditioned A is
     root = lam.clamp_min(lam.max().clamp_min(1e-30) * 1e-12).sqrt()  # a rank-deficient A: whiten its range
