@@ -251,13 +251,19 @@ def svd_basis(
 
 def prefix_factors(module: LoraLayer, adapter: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 `(A_k, B_k)`, (k, in) and (out, k), of the rank-k truncation (component weights folded into B_k, PEFT's
-    `scaling` not): `B_k A_k` is the update at rank k over `scaling`."""
+    `scaling` not): `B_k A_k` is the update at rank k over `scaling`. No gradient flows through them."""
     state: ElasticState = module.elastic_state[adapter]
     weight_a = module.lora_A[adapter].weight
     weight_b = module.lora_B[adapter].weight
     if state.basis == "svd":
-        m, n = svd_basis(state, weight_a, weight_b)
-        return m[:k] @ weight_a.float(), weight_b.float() @ n[:, :k]
+        m, n = svd_basis(state, weight_a, weight_b)  # a cache hit unless the factors changed
+        basis_key = state._tables["basis"][0]
+        cached = state._tables.get(("factors", k))
+        if cached is None or cached[0] != basis_key:
+            with torch.no_grad():
+                cached = (basis_key, m[:k] @ weight_a.float(), weight_b.float() @ n[:, :k])
+            state._tables[("factors", k)] = cached
+        return cached[1], cached[2]
     return weight_a[:k].float(), weight_b[:, :k].float() * state.gains(k, weight_b.device, torch.float32)
 
 
@@ -376,11 +382,15 @@ class ElasticVariant(LoraVariant):
             return result + lora_b(h * state.gains(k, h.device, h.dtype) if state.weighted else h) * scaling
         if k == 0:
             return result
-        if state.basis == "svd":
-            m, n = svd_basis(state, lora_a.weight, lora_b.weight)
-            weight_a = (m[:k] @ lora_a.weight.float()).to(lora_a.weight.dtype)
-            h = F.linear(dropout(x), weight_a)  # (B, ..., k) in the singular basis
-            return result + F.linear(F.linear(h, n[:, :k].to(h.dtype)), lora_b.weight) * scaling
+        if state.basis == "svd":  # the factors export writes, so eval and the export agree to rounding
+            if torch.is_grad_enabled() and (lora_a.weight.requires_grad or lora_b.weight.requires_grad):
+                m, n = svd_basis(state, lora_a.weight, lora_b.weight)
+                weight_a = m[:k].to(lora_a.weight.dtype) @ lora_a.weight
+                weight_b = lora_b.weight @ n[:, :k].to(lora_b.weight.dtype)
+            else:
+                weight_a, weight_b = prefix_factors(module, active_adapter, k)
+                weight_a, weight_b = weight_a.to(lora_a.weight.dtype), weight_b.to(lora_b.weight.dtype)
+            return result + F.linear(F.linear(dropout(x), weight_a), weight_b) * scaling
         h = F.linear(dropout(x), lora_a.weight[:k])  # (B, ..., k)
         if not state.weighted:
             return result + F.linear(h, lora_b.weight[:, :k]) * (scaling * state.scale_at(k))

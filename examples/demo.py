@@ -80,6 +80,7 @@ def main() -> None:
         gguf_file=args.gguf_file,
         overwrite=True,
         autocast_dtype=autocast,
+        dtype="float32" if args.no_bf16 else "auto",  # auto may pick bf16 weights; --no-bf16 means fp32 throughout
     )
 
     plain_base, _ = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file)
