@@ -251,7 +251,8 @@ def svd_basis(
 
 def prefix_factors(module: LoraLayer, adapter: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 `(A_k, B_k)`, (k, in) and (out, k), of the rank-k truncation (component weights folded into B_k, PEFT's
-    `scaling` not): `B_k A_k` is the update at rank k over `scaling`. No gradient flows through them."""
+    `scaling` not): `B_k A_k` is the update at rank k over `scaling`. In the singular basis they are cached and carry
+    no gradient."""
     state: ElasticState = module.elastic_state[adapter]
     weight_a = module.lora_A[adapter].weight
     weight_b = module.lora_B[adapter].weight
