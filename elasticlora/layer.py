@@ -241,12 +241,17 @@ def svd_basis(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_svd_basis` of a layer's factors, cached until either parameter changes (the optimizer step bumps their
     version counters), so eval passes and checkpointed recomputation reuse it."""
+    return _cached_basis(state, weight_a, weight_b)[1:3]
+
+
+def _cached_basis(state: ElasticState, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:
+    """(key, M, N, {k: prefix factors}): the factors cached for a basis go stale with it."""
     key = (weight_a.data_ptr(), weight_a._version, weight_b.data_ptr(), weight_b._version, weight_a.device)
     cached = state._tables.get("basis")
     if cached is None or cached[0] != key:
-        cached = (key, *_svd_basis(weight_a, weight_b))
+        cached = (key, *_svd_basis(weight_a, weight_b), {})
         state._tables["basis"] = cached
-    return cached[1], cached[2]
+    return cached
 
 
 def prefix_factors(module: LoraLayer, adapter: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,14 +262,11 @@ def prefix_factors(module: LoraLayer, adapter: str, k: int) -> tuple[torch.Tenso
     weight_a = module.lora_A[adapter].weight
     weight_b = module.lora_B[adapter].weight
     if state.basis == "svd":
-        m, n = svd_basis(state, weight_a, weight_b)  # a cache hit unless the factors changed
-        basis_key = state._tables["basis"][0]
-        cached = state._tables.get(("factors", k))
-        if cached is None or cached[0] != basis_key:
+        _, m, n, factors = _cached_basis(state, weight_a, weight_b)
+        if k not in factors:
             with torch.no_grad():
-                cached = (basis_key, m[:k] @ weight_a.float(), weight_b.float() @ n[:, :k])
-            state._tables[("factors", k)] = cached
-        return cached[1], cached[2]
+                factors[k] = (m[:k] @ weight_a.float(), weight_b.float() @ n[:, :k])
+        return factors[k]
     return weight_a[:k].float(), weight_b[:, :k].float() * state.gains(k, weight_b.device, torch.float32)
 
 

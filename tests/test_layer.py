@@ -146,10 +146,11 @@ def test_independent_layer_draws_differ_and_are_reproducible(input_ids):
     assert len({tuple(d.tolist()) for d in first}) > 1
 
 
+@pytest.mark.parametrize("recipe", [{}, {"shared_draw_prob": 0.5, **INDEX}], ids=["svd", "index"])
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_recomputes_the_same_draws(use_reentrant, input_ids):
+def test_gradient_checkpointing_recomputes_the_same_draws(use_reentrant, recipe, input_ids):
     def grads(checkpointing):
-        model = elastic_model()
+        model = elastic_model(**recipe)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
             model.enable_input_require_grads()

@@ -113,24 +113,6 @@ def test_basis_follows_the_optimizer(input_ids):
         assert torch.allclose(elastic_delta_weight(layer, "default", 2), best_rank_k(full, 2), atol=1e-5)
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant, input_ids):
-    def grads(checkpointing):
-        model = svd_model()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-            model.enable_input_require_grads()
-        model.train()
-        torch.manual_seed(7)
-        model(input_ids, labels=input_ids).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    plain, checkpointed = grads(False), grads(True)
-    assert plain.keys() == checkpointed.keys()
-    for name in plain:
-        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
-
-
 def test_shrink_reads_the_singular_components_and_leaves_the_model_alone(tmp_path, input_ids):
     """Sensitivity costs equal those of the SVD-ordered factors; shrink modifies nothing; a reloaded adapter truncates
     the same way."""
