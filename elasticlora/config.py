@@ -153,7 +153,9 @@ class ElasticLoraConfig(LoraConfig):
                 "Optimizer steps over which the share of truncated draws ramps linearly from 0 to its full value "
                 "(step t of the first `truncation_warmup` truncates t / truncation_warmup as often): early steps "
                 "train mostly plain LoRA, while the update has no structure yet for a truncation to keep. Steps are "
-                "counted as changes of the weights between training passes, so gradient accumulation is counted right."
+                "counted as changes of the weights between training passes, so accumulated micro-batches count once. "
+                "60 gave better large-rank adapters in runs of 60 and 180 steps (even on WordNet at 180) and worse "
+                "ones in the one run of 540 (docs/recipe_study.md), so it is off by default; try it for short runs."
             )
         },
     )
