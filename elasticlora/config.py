@@ -29,7 +29,6 @@ ELASTIC_FIELDS = (
     "truncation_scale_power",
     "truncation_scaling",
     "truncation_basis",
-    "truncation_warmup",
 )
 
 
@@ -146,20 +145,6 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
 
-    truncation_warmup: int = field(
-        default=0,
-        metadata={
-            "help": (
-                "Optimizer steps over which the share of truncated draws ramps linearly from 0 to its full value "
-                "(step t of the first `truncation_warmup` truncates t / truncation_warmup as often): early steps "
-                "train mostly plain LoRA, while the update has no structure yet for a truncation to keep. Steps are "
-                "counted as changes of the weights between training passes, so accumulated micro-batches count once. "
-                "60 gave better large-rank adapters in runs of 60 and 180 steps (even on WordNet at 180) and worse "
-                "ones in the one run of 540 (docs/recipe_study.md), so it is off by default; try it for short runs."
-            )
-        },
-    )
-
     def __post_init__(self):
         super().__post_init__()
         self._validate_elastic_fields()
@@ -184,12 +169,6 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(f"`min_rank` must be a positive int, got {self.min_rank!r}")
         if self.min_rank > self.r:
             raise ValueError(f"`min_rank` ({self.min_rank}) must not exceed the maximum rank `r` ({self.r})")
-        if (
-            isinstance(self.truncation_warmup, bool)
-            or not isinstance(self.truncation_warmup, int)
-            or self.truncation_warmup < 0
-        ):
-            raise ValueError(f"`truncation_warmup` must be an int >= 0, got {self.truncation_warmup!r}")
         for name in ("full_rank_prob", "shared_draw_prob", "truncation_scale_power"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):

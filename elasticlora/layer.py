@@ -79,13 +79,10 @@ class ElasticState:
     shared_prob: float
     draw_per: str
     basis: str = "index"  # "svd": truncations keep the top singular directions of B A (see `svd_basis`)
-    warmup: int = 0  # optimizer steps over which the share of truncated draws ramps up from 0
     layer_key: int = 0
     rank: int | None = None  # fixed truncation; None = full rank in eval, sampled in training
     merged_rank: int | None = None
     calls: int = 0
-    steps: int = 0  # optimizer steps seen: changes of the layer's weights between training draws
-    _weights_seen: tuple | None = field(default=None, repr=False)
     last_draw: torch.Tensor | None = None
     _tables: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
@@ -107,7 +104,6 @@ class ElasticState:
             shared_prob=config.shared_draw_prob,
             draw_per=config.draw_per,
             basis=config.truncation_basis,
-            warmup=config.truncation_warmup,
             layer_key=zlib.crc32(target_name.encode()),
         )
 
@@ -160,21 +156,12 @@ class ElasticState:
             _SHARED_STREAM.update(key=key, uniforms=uniforms)
         return _SHARED_STREAM["uniforms"]
 
-    def see_weights(self, weight: torch.Tensor) -> None:
-        """Count an optimizer step when a training pass finds the weights changed since the last one (the first
-        pass counts as step 1); micro-batches of one accumulated step and checkpointed recomputation see none."""
-        seen = (weight.data_ptr(), weight._version)
-        if seen != self._weights_seen:
-            self._weights_seen = seen
-            self.steps += 1
-
     def draw(self, n_draws: int, device: torch.device) -> torch.Tensor:
         """Indices into `support`, one per draw; reused as-is while gradient checkpointing recomputes.
 
         Each draw inverts the sampler's CDF at a uniform `u`: the layer's own stream (keyed by its name) or, with
         probability `shared_prob`, a stream keyed by 0 that every layer reproduces at the same call, so those draws
-        pick the same quantile, and so the same rank, in every layer. For the first `warmup` optimizer steps the
-        truncated share is scaled by step / warmup: `u * warmup / step` is full rank for all other draws.
+        pick the same quantile, and so the same rank, in every layer.
         """
         if _in_backward() and self.last_draw is not None and self.last_draw.shape[0] == n_draws:
             return self.last_draw
@@ -185,15 +172,11 @@ class ElasticState:
         if self.shared_prob > 0.0:
             u_shared, u_share = self._shared_uniforms(n_draws, device)
             u = torch.where(u_share < self.shared_prob, u_shared, u) if self.shared_prob < 1.0 else u_shared
-        if self.steps < self.warmup:
-            u = u * (self.warmup / max(self.steps, 1))
         self.last_draw = torch.searchsorted(cdf, u, right=True).clamp_(max=len(self.support) - 1)
         return self.last_draw
 
-    def training_mask(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Scaled prefix mask broadcastable to the rank activations `h` (B, ..., r); `weight` is the layer's
-        `lora_A` weight, whose changes count optimizer steps."""
-        self.see_weights(weight)
+    def training_mask(self, h: torch.Tensor) -> torch.Tensor:
+        """Scaled prefix mask broadcastable to the rank activations `h` (B, ..., r)."""
         per_example = self.draw_per == "example" and h.dim() > 1
         n_draws = h.shape[0] if per_example else 1
         idx = self.draw(n_draws, h.device)
@@ -391,10 +374,10 @@ class ElasticVariant(LoraVariant):
         if state.rank is None and module.training and state.samples:
             h = lora_a(dropout(x))  # (B, ..., r)
             if state.basis == "index":
-                return result + lora_b(h * state.training_mask(h, lora_a.weight)) * scaling
+                return result + lora_b(h * state.training_mask(h)) * scaling
             # drop the trailing singular directions: h - N ((1 - m) * (M h)), so full-rank rows stay exactly h
             m, n = (t.to(h.dtype) for t in svd_basis(state, lora_a.weight, lora_b.weight))
-            tail = F.linear(h, m) * (1 - state.training_mask(h, lora_a.weight))
+            tail = F.linear(h, m) * (1 - state.training_mask(h))
             return result + lora_b(h - F.linear(tail, n)) * scaling
         k = _effective_rank(state, state.rank)
         if k == state.r:  # through the lora_A module, whose output hook `shrink.sensitivity` reads

@@ -160,41 +160,6 @@ def test_default_draws_one_rank_per_example_and_full_rank_for_most():
     assert all(share == pytest.approx(0.125, abs=0.02) for k, share in shares.items() if k < 8)
 
 
-def truncated_share(model, input_ids) -> float:
-    model(input_ids)
-    layer = elastic_layers(model)[Q_PROJ]
-    return (layer.elastic_state["default"].drawn_ranks() < 8).float().mean().item()
-
-
-def optimizer_step(model) -> None:
-    with torch.no_grad():  # an in-place update, as every optimizer makes
-        for param in model.parameters():
-            if param.requires_grad:
-                param.mul_(1.0)
-
-
-def test_truncation_warmup_ramps_the_truncated_share_over_optimizer_steps():
-    """Step t of the first `truncation_warmup` truncates t / warmup as often as the recipe does after it (3/8 of
-    draws with r 8); training passes with no weight change between them (gradient accumulation) are one step."""
-    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, truncation_warmup=4)).train()
-    torch.manual_seed(0)
-    input_ids = torch.randint(0, 64, (8000, 2))
-    shares = []
-    for step in range(1, 7):
-        shares.append([truncated_share(model, input_ids) for _ in range(2 if step == 2 else 1)])
-        optimizer_step(model)
-    assert elastic_layers(model)[Q_PROJ].elastic_state["default"].steps == 6
-    expected = [0.375 * min(1.0, t / 4) for t in range(1, 7)]
-    for got, want in zip(shares, expected):
-        assert all(share == pytest.approx(want, abs=0.02) for share in got)
-
-
-def test_bad_truncation_warmup_is_refused():
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="truncation_warmup"):
-            ElasticLoraConfig(truncation_warmup=bad)
-
-
 def test_an_adapter_saved_before_the_basis_field_keeps_index_truncation(tmp_path, input_ids):
     model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, truncation_basis="index"))
     randomize_lora(model)
