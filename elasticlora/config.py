@@ -29,6 +29,7 @@ ELASTIC_FIELDS = (
     "truncation_scale_power",
     "truncation_scaling",
     "truncation_basis",
+    "basis_refresh_steps",
 )
 
 
@@ -145,6 +146,19 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
 
+    basis_refresh_steps: int = field(
+        default=4,
+        metadata={
+            "help": (
+                "truncation_basis='svd' only. Training recomputes a layer's singular basis every this many "
+                "optimizer steps and reuses it in between: the decomposition is most of the recipe's extra cost "
+                "per step (and a host synchronisation on CUDA), while the leading directions of B A move slowly. "
+                "A stale basis still gives exact full-rank steps and rank-k truncations. Eval, shrink and export "
+                "always use the current basis."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._validate_elastic_fields()
@@ -167,6 +181,12 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(f"`draw_per` must be one of {DRAW_UNITS}, got {self.draw_per!r}")
         if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank <= 0:
             raise ValueError(f"`min_rank` must be a positive int, got {self.min_rank!r}")
+        if (
+            isinstance(self.basis_refresh_steps, bool)
+            or not isinstance(self.basis_refresh_steps, int)
+            or self.basis_refresh_steps <= 0
+        ):
+            raise ValueError(f"`basis_refresh_steps` must be a positive int, got {self.basis_refresh_steps!r}")
         if self.min_rank > self.r:
             raise ValueError(f"`min_rank` ({self.min_rank}) must not exceed the maximum rank `r` ({self.r})")
         for name in ("full_rank_prob", "shared_draw_prob", "truncation_scale_power"):

@@ -21,6 +21,7 @@ from benchmark import BF16, Bench, aurac, lora_config, reloaded
 
 from elasticlora import ElasticLoraConfig, elastic_layers
 from elasticlora.evaluate import eval_loss
+from elasticlora.layer import elastic_delta_weight
 from elasticlora.shrink import svd_reorder
 
 
@@ -28,8 +29,8 @@ from elasticlora.shrink import svd_reorder
 def mean_effective_rank(model) -> float:
     ranks = []
     for layer in elastic_layers(model).values():
-        adapter = next(iter(layer.elastic_state))
-        s = torch.linalg.svdvals(layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float())
+        # the update itself: under component weights the lora_B parameter holds B / c, not B
+        s = torch.linalg.svdvals(elastic_delta_weight(layer, next(iter(layer.elastic_state))).float())
         p = s / s.sum()
         ranks.append(float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum())))
     return sum(ranks) / len(ranks)

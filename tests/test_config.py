@@ -37,6 +37,8 @@ INVALID = [
     ("truncation_scaling", "layer"),
     ("shared_draw_prob", 1.5),
     ("shared_draw_prob", True),
+    ("basis_refresh_steps", 0),
+    ("basis_refresh_steps", 2.5),
     ("use_dora", True),
     ("lora_bias", True),
     ("bias", "all"),

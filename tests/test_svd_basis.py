@@ -113,6 +113,60 @@ def test_basis_follows_the_optimizer(input_ids):
         assert torch.allclose(elastic_delta_weight(layer, "default", 2), best_rank_k(full, 2), atol=1e-5)
 
 
+def test_training_recomputes_the_basis_every_basis_refresh_steps_optimizer_steps():
+    """Between refreshes a truncated training example is projected with the basis of the last refresh; the
+    micro-batches of an accumulated step count as one step; eval always uses the current basis."""
+    from elasticlora.layer import _svd_basis
+
+    layer = elastic_layers(svd_model(basis_refresh_steps=3, full_rank_prob=0.2, lora_dropout=0.0))[Q_PROJ]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    optimizer = torch.optim.SGD([a, b], lr=0.5)
+    x = torch.randn(16, 3, layer.in_features)
+    for step in range(7):
+        if step % 3 == 0:
+            m, n = _svd_basis(a.detach(), b.detach())
+        layer.train()
+        for _ in range(2):  # two micro-batches per optimizer step
+            y = layer(x)
+            y.pow(2).mean().backward()
+        ks = layer.elastic_state["default"].drawn_ranks().tolist()
+        assert len(set(ks)) > 2
+        with torch.no_grad():
+            base = layer.base_layer(x)
+            for i, k in enumerate(ks):
+                projector = n[:, :k] @ m[:k]
+                expected = base[i] + (x[i] @ a.T @ projector.T @ b.T) * layer.scaling["default"]
+                assert torch.allclose(y[i], expected, atol=1e-5), (step, k)
+        optimizer.step()
+        optimizer.zero_grad()
+        layer.eval()  # eval: the best rank-2 update of the current factors, stale training basis or not
+        full = elastic_delta_weight(layer, "default")
+        assert torch.allclose(elastic_delta_weight(layer, "default", 2), best_rank_k(full, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointing_recomputes_with_the_stale_basis(use_reentrant, input_ids):
+    """Three steps with a basis refreshed every other step: checkpointed training ends at the same weights."""
+
+    def train(checkpointing):
+        model = svd_model(basis_refresh_steps=2, lora_dropout=0.0)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=0.5)
+        model.train()
+        torch.manual_seed(7)
+        for _ in range(3):
+            model(input_ids, labels=input_ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return [p.detach().clone() for p in params]
+
+    for plain, checkpointed in zip(train(False), train(True)):
+        assert torch.allclose(plain, checkpointed, atol=1e-5)
+
+
 def test_shrink_reads_the_singular_components_and_leaves_the_model_alone(tmp_path, input_ids):
     """Sensitivity costs equal those of the SVD-ordered factors; shrink modifies nothing; a reloaded adapter truncates
     the same way."""
