@@ -27,9 +27,14 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
+def is_elastic_config(raw: dict) -> bool:
+    """Whether a raw adapter config was saved by ElasticLoraConfig (it keeps the elastic fields)."""
+    return any(name in raw for name in ELASTIC_FIELDS)
+
+
 def is_elastic_adapter(adapter_dir: str | Path) -> bool:
-    """Whether the adapter was trained with ElasticLoraConfig (its config keeps the elastic fields)."""
-    return any(name in read_adapter_config(adapter_dir) for name in ELASTIC_FIELDS)
+    """Whether the adapter was trained with ElasticLoraConfig."""
+    return is_elastic_config(read_adapter_config(adapter_dir))
 
 
 def elastic_config_from_dir(adapter_dir: str | Path, **overrides) -> ElasticLoraConfig:
@@ -40,7 +45,7 @@ def elastic_config_from_dir(adapter_dir: str | Path, **overrides) -> ElasticLora
     SVD-orders its components first. An elastic adapter saved before `truncation_basis` existed keeps 'index'.
     """
     raw = read_adapter_config(adapter_dir)
-    if not any(name in raw for name in ELASTIC_FIELDS):
+    if not is_elastic_config(raw):
         raw.update(rank_sampler="none", truncation_scale_power=0.0, truncation_scaling="prefix")
     raw.setdefault("truncation_basis", "index")  # saved before the field existed: the recipe it was trained with
     known = ElasticLoraConfig.__dataclass_fields__

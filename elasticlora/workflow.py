@@ -21,7 +21,7 @@ from .export import (
     write_atomically,
 )
 from .loading import load_model_and_tokenizer, release_host_memory
-from .model import ELASTIC_FIELDS, load_elastic, read_adapter_config
+from .model import is_elastic_config, load_elastic, read_adapter_config
 from .options import ShrinkOptions
 from .ranks import module_shapes
 from .report import plot_report, summary_lines
@@ -102,7 +102,7 @@ def shrink_adapter(
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     raw_config = read_adapter_config(source)
     shapes = read_adapter_shapes(source)
-    elastic = any(name in raw_config for name in ELASTIC_FIELDS)
+    elastic = is_elastic_config(raw_config)
 
     device = options.device
     if device is None and options.device_map is None and torch.cuda.is_available():
@@ -238,7 +238,7 @@ def inspect_adapter(adapter_dir: str | Path) -> dict:
     unmapped = sorted({name.rsplit(".", 1)[-1] for name in ranks} - VLLM_LLAMA_MODULES)
     return {
         "path": str(Path(adapter_dir).resolve()),
-        "elastic": any(name in raw for name in ELASTIC_FIELDS),
+        "elastic": is_elastic_config(raw),
         "modules": len(ranks),
         "ranks": ranks,
         "max_rank": max_rank,
