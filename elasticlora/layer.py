@@ -15,10 +15,9 @@ LoRA matmuls. At a fixed truncation `k` (eval, shrink, export) it slices instead
 with `g_k = s(k) c[:k]`, which is cheaper than full rank.
 
 Under `truncation_basis='svd'` (the default) the components are instead those of the update in its singular
-basis: `B A = (B N)(M A)` with r x r matrices from `svd_basis`, so a training draw computes `B P_k h` with the
-projector `P_k = N[:, :k] M[:k]` (one batched r x r product per layer; full-rank rows use the identity, so they are
-exactly `B h`), from a basis recomputed every `basis_refresh_steps` optimizer steps, and a fixed truncation
-`B N[:, :k] (M[:k] A x)` from the current basis; the weights are all 1.
+basis: `B A = (B N)(M A)` with r x r matrices from `svd_basis`, so a training draw computes `B (h - N ((1 - m) * (M
+h)))` (full-rank rows are exactly `B h`) with a basis recomputed every `basis_refresh_steps` optimizer steps, and a
+fixed truncation `B N[:, :k] (M[:k] A x)` from the current basis; the weights are all 1.
 
 With component weights, the parameter `lora_B` holds `B / c` (so Adam moves component j at a speed proportional to
 `c_j`) and the state dict holds `B` itself: a saved checkpoint is a plain LoRA at full rank.
@@ -263,9 +262,8 @@ def _factor_key(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:
     return (weight_a.data_ptr(), weight_a._version, weight_b.data_ptr(), weight_b._version, weight_a.device)
 
 
-def _training_projectors(state: ElasticState, weight_a: torch.Tensor, weight_b: torch.Tensor, dtype: torch.dtype):
-    """(len(support), r, r): `P_k = N[:, :k] M[:k]` for each rank k the sampler draws (the identity at full rank),
-    from a basis recomputed every `basis_refresh_steps` optimizer steps.
+def _training_basis(state: ElasticState, weight_a: torch.Tensor, weight_b: torch.Tensor, dtype: torch.dtype):
+    """(M, N) in `dtype` for a training pass, from a basis recomputed every `basis_refresh_steps` optimizer steps.
 
     A step is a change of the factors between training forwards, so the micro-batches of an accumulated step count
     once; a forward that gradient checkpointing recomputes during backward reuses what its first run used."""
@@ -274,28 +272,14 @@ def _training_projectors(state: ElasticState, weight_a: torch.Tensor, weight_b: 
     if cached is None or (cached["key"] != key and not _in_backward()):
         if cached is None or cached["age"] + 1 >= state.basis_refresh_steps:
             _, m, n, _ = _cached_basis(state, weight_a, weight_b)
-            cached = {"m": m, "n": n, "age": 0, "projectors": {}}
+            cached = {"basis": (m, n), "age": 0}
         else:
             cached["age"] += 1
         cached["key"] = key
         state._tables["training"] = cached
-    projectors = cached["projectors"]
-    if dtype not in projectors:
-        m, n = cached["m"], cached["n"]
-        eye = torch.eye(state.r, device=m.device)
-        projectors[dtype] = torch.stack([n[:, :k] @ m[:k] if k < state.r else eye for k in state.support]).to(dtype)
-    return projectors[dtype]
-
-
-def _project(state: ElasticState, h: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor) -> torch.Tensor:
-    """The rank activations `h` (B, ..., r) of a training pass, each example's projected onto its drawn truncation:
-    one batched r x r product per layer, with no gradient to the basis."""
-    projectors = _training_projectors(state, weight_a, weight_b, h.dtype)
-    per_example = state.draw_per == "example" and h.dim() > 1
-    chosen = projectors.index_select(0, state.draw(h.shape[0] if per_example else 1, h.device))
-    if not per_example:
-        return F.linear(h, chosen[0])
-    return torch.bmm(h.reshape(h.shape[0], -1, state.r), chosen.transpose(1, 2)).view_as(h)
+    if cached.get("dtype") != dtype:
+        cached.update(dtype=dtype, cast=tuple(t.to(dtype) for t in cached["basis"]))
+    return cached["cast"]
 
 
 def prefix_factors(module: LoraLayer, adapter: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,8 +403,10 @@ class ElasticVariant(LoraVariant):
             h = lora_a(dropout(x))  # (B, ..., r)
             if state.basis == "index":
                 return result + lora_b(h * state.training_mask(h)) * scaling
-            # project each example onto its rank's top singular directions: N[:, :k] M[:k] h (full rank: exactly h)
-            return result + lora_b(_project(state, h, lora_a.weight, lora_b.weight)) * scaling
+            # drop the trailing singular directions: h - N ((1 - m) * (M h)), so full-rank rows stay exactly h
+            m, n = _training_basis(state, lora_a.weight, lora_b.weight, h.dtype)
+            tail = F.linear(h, m) * (1 - state.training_mask(h))
+            return result + lora_b(h - F.linear(tail, n)) * scaling
         k = _effective_rank(state, state.rank)
         if k == state.r:  # through the lora_A module, whose output hook `shrink.sensitivity` reads
             h = lora_a(dropout(x))

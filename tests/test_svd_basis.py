@@ -70,6 +70,29 @@ def test_each_example_trains_its_own_drawn_rank():
     layer.set_elastic_rank(None, "default")
 
 
+def test_a_mixed_batch_gets_each_examples_truncated_gradient():
+    """Input and factor gradients of a training pass with mixed draws are the sums of each example's gradient at its
+    own rank with the basis held fixed (what eval at that rank computes)."""
+    layer = elastic_layers(svd_model(full_rank_prob=0.3, lora_dropout=0.0))[Q_PROJ]
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    x = torch.randn(12, 4, layer.in_features, requires_grad=True)
+    weights = torch.randn(12, 4, layer.out_features)
+    layer.train()
+    (layer(x) * weights).sum().backward()
+    ks = layer.elastic_state["default"].drawn_ranks().tolist()
+    assert 8 in ks and len(set(ks)) > 2
+    got = [x.grad.clone()] + [p.grad.clone() for p in params]
+    x.grad = None
+    layer.zero_grad()
+    layer.eval()
+    for b, k in enumerate(ks):
+        layer.set_elastic_rank(k, "default")
+        (layer(x[b : b + 1]) * weights[b : b + 1]).sum().backward()
+    layer.set_elastic_rank(None, "default")
+    expected = [x.grad] + [p.grad for p in params]
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-5) for g, e in zip(got, expected))
+
+
 def test_a_truncated_example_trains_every_component():
     """Unlike index truncation (whose dropped components get zero gradient), a rank-1 draw moves all of A and B."""
     model = get_peft_model(
