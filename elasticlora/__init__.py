@@ -1,8 +1,9 @@
 """elasticlora: train LoRA once at maximum rank, then give every layer its smallest sufficient rank."""
 
+from .adapter_io import is_elastic_adapter, load_elastic
 from .config import ElasticLoraConfig
 from .layer import ElasticLayerMixin, ElasticLinear, ElasticVariant
-from .model import adaptable_modules, get_elastic_model, is_elastic_adapter, load_elastic
+from .model import adaptable_modules, get_elastic_model
 from .ranks import (
     adapter_param_count,
     at_ranks,

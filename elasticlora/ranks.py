@@ -5,7 +5,7 @@ keys them: the module's full name in the base model, e.g. `model.layers.0.self_a
 A rank of 0 drops a module's adapter.
 
     with at_ranks(model, 4):
-        loss = model(**batch).loss          # every layer truncated to its first 4 components
+        loss = model(**batch).loss          # every layer truncated to its top 4 singular directions
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import contextlib
 from collections.abc import Iterator, Mapping
 
 import torch.nn as nn
-from peft.tuners.lora import LoraModel
 
+from ._peft_compat import LoraModel
 from .layer import ElasticLayerMixin
 
 RankSpec = int | Mapping[str, int | None] | None
@@ -38,6 +38,15 @@ def elastic_layers(model: nn.Module) -> dict[str, ElasticLayerMixin]:
             "an elastic adapter with `elasticlora.load_elastic`"
         )
     return layers
+
+
+def attach_sampler(model: nn.Module) -> nn.Module:
+    """Make `model`'s forward passes start new rank draws for every elastic adapter in it (see `sampler.py`; without
+    this, the first training pass finds the module the loop calls). Returns `model`."""
+    states = [state for layer in elastic_layers(model).values() for state in layer.elastic_state.values()]
+    for sampler in {id(state.sampler): state.sampler for state in states}.values():
+        sampler.attach(model)
+    return model
 
 
 def active_adapter_name(model: nn.Module, adapter_name: str | None = None) -> str:

@@ -2,14 +2,10 @@
 
 The search costs a fixed number of passes over the eval data, whatever the model depth:
 
-1. **Sensitivity** (one forward + backward pass). For module m with rank activations `h = A x` and
-   `u = dL/dh = scaling * B^T dL/dy`, truncating to k changes the loss, to first order per token, by
-   `v_k = u . ((s_k [i < k] - 1) * h)`, where `s_k = (r / k) ** truncation_scale_power`. All r + 1 candidate ranks
-   come from one cumulative sum over `u * h`. The cost curve `c_m(k) = sum over tokens of v_k ** 2` is a Fisher-style
-   estimate of the loss increase (up to one factor shared by all modules, which the measured step below absorbs).
-2. **Allocation.** Minimising `sum_m c_m(k_m) + lam * params_m(k_m)` splits per module; its solutions, as lam grows,
-   walk the lower convex hulls of the cost curves. Sorting every hull step by its price (cost increase per parameter
-   saved) gives one path of configurations from full rank to all-zero with parameters falling monotonically.
+1. **Sensitivity** (one forward + backward pass, `sensitivity.py`): a first-order cost curve over ranks 0..r for
+   every module, from its rank activations in its singular basis and their gradients.
+2. **Allocation** (`sensitivity.allocation_path`): the cost curves become one path of configurations from full rank
+   to all-zero, parameters falling monotonically, cheapest loss per parameter saved first.
 3. **Measured bisection**, where each probe is a real eval pass at those ranks: first over one rank for every
    module, halving from full (r/2, r/4, ..., 1: the prefixes elastic training optimises directly, and the first-order
    costs are least reliable for the large rescaling of a short prefix); then, from the smallest uniform rank within
@@ -18,8 +14,8 @@ The search costs a fixed number of passes over the eval data, whatever the model
    truncation that turned out better).
 
 Passes: 1 sensitivity + 1 full rank + 1 base (all ranks 0) + bisection probes, `max_passes` in all (default 12).
-A plain (non-elastic) LoRA is first re-factored by SVD of B A so that its prefixes are its best low-rank
-approximations (LoRA-Squeeze / PEFT `convert_to_lora`).
+Every truncation keeps a module's top singular directions, so a plain (non-elastic) LoRA is searched over its best
+low-rank approximations (LoRA-Squeeze / PEFT `convert_to_lora`).
 
 `max_rank=N` caps every module at N first (the search starts from the capped adapter, measured once, and halves from
 N); `max_rank="auto"` bisects step 3's uniform ranks over vLLM's `--max-lora-rank` buckets instead of halvings, so its
@@ -29,23 +25,19 @@ from one sensitivity pass, measuring each configuration once.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
-from .evaluate import batch_loss_sum, eval_loss, model_device
-from .export import VLLM_MAX_LORA_RANKS
-from .layer import svd_basis
-from .loading import release_host_memory
+from .evaluate import eval_loss
 from .options import check_max_rank, check_tolerance
-from .ranks import active_adapter_name, at_ranks, elastic_layers, max_ranks, module_shapes
+from .ranks import active_adapter_name, at_ranks, max_ranks, module_shapes
+from .sensitivity import allocation_path, sensitivity
+from .vllm import buckets_below
 
 Quality = Callable[[nn.Module], float]
 
@@ -85,131 +77,6 @@ def within_tolerance(
     return quality >= best - slack if higher_is_better else quality <= best + slack
 
 
-@torch.no_grad()
-def svd_reorder(model: nn.Module, adapter_name: str | None = None) -> None:
-    """Re-factor every layer's B A as (U sqrt(S)) (sqrt(S) V^T), components by decreasing singular value.
-
-    B A is unchanged (to rounding), so outputs at full rank are too; each prefix k becomes the best rank-k
-    approximation of the update. Works in factored form, O((in + out) r^2) per layer: B = Qb Rb, A^T = Qa Ra,
-    B A = Qb (Rb Ra^T) Qa^T, and only the r x r core is decomposed.
-    """
-    adapter = active_adapter_name(model, adapter_name)
-    for layer in elastic_layers(model).values():
-        weight_a, weight_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        weights = layer.elastic_state[adapter].gains(weight_b.shape[1], weight_b.device, torch.float32)
-        q_b, r_b = torch.linalg.qr(weight_b.float() * weights)  # (out, r), (r, r)
-        q_a, r_a = torch.linalg.qr(weight_a.float().T)  # (in, r), (r, r)
-        u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-        root = s.sqrt()
-        weight_b.copy_((q_b @ u * root / weights).to(weight_b.dtype))
-        weight_a.copy_((root[:, None] * (vh @ q_a.T)).to(weight_a.dtype))
-
-
-@contextlib.contextmanager
-def _checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Recompute each transformer block's activations in the backward pass (non-reentrant checkpointing).
-
-    transformers checkpoints a block only when the block itself is in training mode; only the blocks' own flags are
-    set, so every layer inside (dropout, elastic draws) stays in eval mode.
-    """
-    if not enabled:
-        yield
-        return
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not blocks:
-        raise ValueError("gradient checkpointing needs a transformers model with checkpointable blocks; this has none")
-    saved = [(m.training, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func")) for m in blocks]
-    for m in blocks:
-        m.training, m.gradient_checkpointing = True, True
-        m._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    try:
-        yield
-    finally:
-        for m, (training, checkpointing, func) in zip(blocks, saved):
-            m.training, m.gradient_checkpointing = training, checkpointing
-            if func is None:
-                m.__dict__.pop("_gradient_checkpointing_func", None)
-            else:
-                m._gradient_checkpointing_func = func
-
-
-def sensitivity(
-    model: nn.Module,
-    batches: Sequence[dict[str, torch.Tensor]],
-    adapter_name: str | None = None,
-    progress: bool = True,
-    autocast_dtype: torch.dtype | None = None,
-    gradient_checkpointing: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Estimated loss increase `c_m(k)` for truncating each module alone to k = 0..r_m (one forward+backward pass).
-
-    Memory stays below one training step's at the eval batch size: every parameter is frozen and the graph starts at
-    the input embeddings, so the backward pass computes activation gradients only (no weight gradient, and no
-    module input kept for one).
-    """
-    adapter = active_adapter_name(model, adapter_name)
-    layers = elastic_layers(model)
-    costs = {name: torch.zeros(layer.r[adapter] + 1, dtype=torch.float64) for name, layer in layers.items()}
-    handles = []
-
-    def attach(name: str, layer: nn.Module) -> None:
-        state = layer.elastic_state[adapter]
-        r = state.r
-        ks = torch.arange(r + 1)
-        # s_k for k = 1..r; k = 0 drops the adapter, where the prefix sum is 0 anyway
-        scale = torch.tensor([0.0] + [state.scale_at(int(k)) for k in ks[1:]], dtype=torch.float64)
-
-        def on_forward(module, inputs, h):
-            basis = None
-            if state.basis == "svd":  # components in the singular basis: z = M h, and dL/dz = N^T dL/dh
-                basis = [t.double() for t in svd_basis(state, module.weight, layer.lora_B[adapter].weight)]
-
-            def on_grad(u):
-                z, u = h.detach().double(), u.double()
-                if basis is not None:
-                    z, u = z @ basis[0].T, u @ basis[1]
-                p = (u * z).reshape(-1, r)  # (N, r): per-token u_i z_i
-                prefix = torch.nn.functional.pad(p.cumsum(1), (1, 0))  # (N, r + 1): sum_{i<k} u_i h_i
-                v = prefix * scale.to(p.device) - prefix[:, -1:]  # (N, r + 1): first-order loss change at k
-                costs[name] += v.square().sum(0).cpu()
-
-            if h.requires_grad:
-                h.register_hook(on_grad)
-
-        handles.append(layer.lora_A[adapter].register_forward_hook(on_forward))
-
-    for name, layer in layers.items():
-        attach(name, layer)
-    # with every parameter frozen, gradients start at the input embeddings: the backward pass computes activation
-    # gradients only, and no module input is kept for a weight gradient
-    embeddings = model.get_input_embeddings()
-    handles.append(embeddings.register_forward_hook(lambda module, inputs, out: out.requires_grad_(True)))
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
-    device = model_device(model)
-    model.eval()
-    try:
-        with at_ranks(model, None, adapter), _checkpointed(model, gradient_checkpointing):
-            for p in params:
-                p.requires_grad_(False)
-            for batch in tqdm(batches, desc="sensitivity", disable=not progress, leave=False):
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss, _ = batch_loss_sum(model, batch, device)
-                loss.backward()
-                if device.type == "cpu":
-                    release_host_memory()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return costs
-
-
 def _halvings(r: int) -> list[int]:
     """r // 2, r // 4, ..., 1: the uniform ranks the search tries before per-module ranks."""
     ks = []
@@ -217,52 +84,6 @@ def _halvings(r: int) -> list[int]:
         r //= 2
         ks.append(r)
     return ks
-
-
-def _lower_hull(costs: torch.Tensor) -> list[int]:
-    """Ranks on the lower convex hull of the points (k, costs[k]), ascending in k (always includes 0 and r)."""
-    hull: list[int] = []
-    for k in range(len(costs)):
-        while len(hull) >= 2:
-            k0, k1 = hull[-2], hull[-1]
-            # drop k1 if it lies on or above the segment k0 -> k
-            if (costs[k1] - costs[k0]) * (k - k0) >= (costs[k] - costs[k0]) * (k1 - k0):
-                hull.pop()
-            else:
-                break
-        hull.append(k)
-    return hull
-
-
-def allocation_path(costs: dict[str, torch.Tensor], widths: dict[str, int]) -> list[dict[str, int]]:
-    """Configurations from full rank to all-zero, parameters falling, ordered by marginal cost per parameter.
-
-    `widths[m]` is the parameter cost of one rank of module m (in_features + out_features).
-    """
-    steps = []
-    start = {}
-    for name, c in costs.items():
-        c = c.double()
-        # the full rank is the reference: never let a truncation estimate look better than it
-        c = torch.maximum(c, torch.zeros_like(c))
-        c[-1] = 0.0
-        hull = _lower_hull(c)
-        start[name] = hull[-1]
-        for lo, hi in zip(hull[:-1], hull[1:]):
-            price = float(c[lo] - c[hi]) / (widths[name] * (hi - lo))
-            steps.append((price, name, lo))
-    # a module's own hull steps come in increasing price, so sorting keeps each module's ranks decreasing
-    steps.sort(key=lambda step: step[0])
-    path = [dict(start)]
-    current = dict(start)
-    for _, name, rank in steps:
-        current[name] = rank
-        path.append(dict(current))
-    return path
-
-
-def _vllm_buckets_below(r: int) -> list[int]:
-    return [b for b in reversed(VLLM_MAX_LORA_RANKS) if b < r]
 
 
 def shrink(
@@ -424,7 +245,7 @@ class _Search:
         else:
             # 1. one rank for every module, halving from the top (the prefixes elastic training optimises directly);
             # with max_rank="auto", the vLLM buckets below full rank instead: the smallest one within tolerance
-            ks = _vllm_buckets_below(r) if self.max_rank == "auto" else _halvings(cap or r)
+            ks = buckets_below(r) if self.max_rank == "auto" else _halvings(cap or r)
             anchor = self.bisect([top, *(self.capped(k) for k in ks), zero])
             if self.max_rank == "auto" and anchor not in (top, zero):
                 cap = max(anchor.values())

@@ -9,48 +9,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .data import eval_batches
-from .export import (
-    VLLM_MAX_LORA_RANKS,
-    WEIGHTS_NAME,
+from .adapter_io import (
     adapter_files,
-    export_peft_adapter,
-    vllm_max_lora_rank,
+    config_fields,
+    is_elastic_config,
+    load_elastic,
+    read_adapter_config,
+    read_adapter_shapes,
     write_atomically,
 )
+from .data import eval_batches
+from .export import export_peft_adapter
 from .loading import load_model_and_tokenizer, release_host_memory
-from .model import is_elastic_config, load_elastic, read_adapter_config
 from .options import ShrinkOptions
 from .ranks import module_shapes
 from .report import plot_report, summary_lines
-from .shrink import shrink_family, svd_reorder
-
-# module names vLLM maps for Llama-family models (q/k/v into qkv_proj, gate/up into gate_up_proj)
-VLLM_LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-def read_adapter_shapes(adapter_dir: str | Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """{module name: {"lora_A": shape, "lora_B": shape}} from the safetensors header, without loading weights."""
-    path = Path(adapter_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: save adapters with `save_pretrained` (safetensors is required)")
-    modules: dict[str, dict[str, tuple[int, ...]]] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                parts = key.split(".")
-                if len(parts) < 3 or parts[-2] not in ("lora_A", "lora_B") or parts[-1] != "weight":
-                    modules.setdefault("(other tensors)", {})[key] = tuple(f.get_slice(key).get_shape())
-                    continue
-                name = ".".join(parts[:-2]).removeprefix("base_model.model.")
-                modules.setdefault(name, {})[parts[-2]] = tuple(f.get_slice(key).get_shape())
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    if not modules:
-        raise ValueError(f"{path} holds no tensors")
-    return modules
+from .shrink import shrink_family
+from .vllm import VLLM_MAX_LORA_RANKS, unmapped_module_types, vllm_max_lora_rank, vllm_problems
 
 
 def _check_shapes_match(model: torch.nn.Module, shapes: dict[str, dict[str, tuple[int, ...]]], source: str) -> None:
@@ -123,10 +99,9 @@ def shrink_adapter(
     model = load_elastic(model, source)
     if not elastic:
         warnings.warn(
-            f"{source} is a plain LoRA adapter: its components are ordered by SVD of B A before the search",
+            f"{source} is a plain LoRA adapter: the search truncates it to its top singular directions",
             stacklevel=2,
         )
-        svd_reorder(model)
     release_host_memory()  # the adapter file and PEFT's initial weights, freed while loading
     max_params = options.max_params
     if options.avg_rank is not None:
@@ -219,23 +194,11 @@ def inspect_adapter(adapter_dir: str | Path) -> dict:
         ranks[name] = a[0]
         params += a[0] * (a[1] + b[0])
     try:
-        known = LoraConfig.__dataclass_fields__
-        LoraConfig(**{k: v for k, v in raw.items() if k in known and known[k].init})
+        LoraConfig(**config_fields(raw, LoraConfig))
     except (TypeError, ValueError) as err:
         problems_peft.append(f"adapter_config.json is not a valid LoraConfig: {err}")
     max_rank = max(ranks.values(), default=0)
-    if raw.get("use_dora"):
-        problems_vllm.append("DoRA (use_dora=true)")
-    if raw.get("lora_bias"):
-        problems_vllm.append("LoRA bias (lora_bias=true)")
-    if raw.get("bias", "none") != "none":
-        problems_vllm.append(f"bias={raw.get('bias')!r}")
-    extra = set(raw.get("modules_to_save") or []) - {"classifier", "score"}
-    if extra:
-        problems_vllm.append(f"modules_to_save {sorted(extra)}")
-    if max_rank > VLLM_MAX_LORA_RANKS[-1]:
-        problems_vllm.append(f"rank {max_rank} > {VLLM_MAX_LORA_RANKS[-1]}")
-    unmapped = sorted({name.rsplit(".", 1)[-1] for name in ranks} - VLLM_LLAMA_MODULES)
+    problems_vllm += vllm_problems(raw, max_rank)
     return {
         "path": str(Path(adapter_dir).resolve()),
         "elastic": is_elastic_config(raw),
@@ -249,5 +212,5 @@ def inspect_adapter(adapter_dir: str | Path) -> dict:
         "peft_problems": problems_peft,
         "vllm_loadable": not problems_peft and not problems_vllm,
         "vllm_problems": problems_vllm,
-        "module_types_vllm_may_not_map": unmapped,
+        "module_types_vllm_may_not_map": unmapped_module_types(ranks),
     }

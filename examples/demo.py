@@ -20,11 +20,9 @@ from peft import PeftModel, get_peft_model
 from elasticlora import ElasticLoraConfig
 from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss
-from elasticlora.loading import load_model_and_tokenizer
-from elasticlora.train import train_steps
 from elasticlora.workflow import shrink_adapter
 
-DATA = Path(__file__).resolve().parents[1] / "elasticlora" / "data"
+from common import DATA, load_model, train_steps
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
@@ -56,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     autocast = None if args.no_bf16 else torch.bfloat16
 
-    base, tokenizer = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file)
+    base, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     eval_rows = load_rows(args.eval_data)[: args.eval_rows]
     prompts = [row["prompt"] for row in eval_rows[:3] if "prompt" in row]
     before = generate(base, tokenizer, prompts)
@@ -83,7 +81,7 @@ def main() -> None:
         dtype="float32" if args.no_bf16 else "auto",  # auto may pick bf16 weights; --no-bf16 means fp32 throughout
     )
 
-    plain_base, _ = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file)
+    plain_base, _ = load_model(args.model, gguf_file=args.gguf_file)
     plain = PeftModel.from_pretrained(plain_base, shrunk_dir).eval()
     reloaded_loss = eval_loss(plain, eval_batches(tokenizer, eval_rows), autocast_dtype=autocast)
     after = generate(plain, tokenizer, prompts)

@@ -26,9 +26,10 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 
 from elasticlora import ElasticLoraConfig, elastic_layers
 from elasticlora.data import load_rows, tokenize_rows
-from elasticlora.loading import load_model_and_tokenizer
 
-DATA = Path(__file__).resolve().parents[1] / "elasticlora" / "data" / "wordnet_train.jsonl"
+from common import DATA, load_model
+
+TRAIN = DATA / "wordnet_train.jsonl"
 
 
 def adapter_hash(model) -> str:
@@ -44,7 +45,7 @@ def adapter_hash(model) -> str:
 def last_draws(model) -> list[int]:
     """The truncation ranks the first elastic layer drew in the last training step."""
     layer = next(iter(elastic_layers(model).values()))
-    return layer.elastic_state["default"].drawn_ranks().tolist()
+    return layer.drawn_ranks().tolist()
 
 
 def train(model, examples, collator, args) -> str:
@@ -111,8 +112,8 @@ def main() -> None:
         parser.error("--mode fsdp2 needs a launcher: torchrun --nproc_per_node N examples/distributed.py ...")
     set_seed(0)  # the same seed on every process, as Trainer does; rank draws still differ per process
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    rows = load_rows(DATA)[: args.rows]
+    model, tokenizer = load_model(args.model)
+    rows = load_rows(TRAIN)[: args.rows]
     examples = tokenize_rows(tokenizer, rows, max_length=64)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
     model = get_peft_model(model, ElasticLoraConfig(r=args.max_rank))

@@ -21,11 +21,9 @@ from transformers import AutoModelForCausalLM
 
 from elasticlora import ElasticLoraConfig, elastic_layers
 from elasticlora.data import eval_batches, load_rows
-from elasticlora.loading import load_model_and_tokenizer
-from elasticlora.train import train_steps
 from elasticlora.workflow import shrink_adapter
 
-DATA = Path(__file__).resolve().parents[1] / "elasticlora" / "data"
+from common import DATA, load_model, train_steps
 
 
 def main() -> None:
@@ -41,12 +39,12 @@ def main() -> None:
     args = parser.parse_args()
 
     # bitsandbytes quantizes on `from_pretrained`: save the full-precision base once, reload it quantized
-    full, tokenizer = load_model_and_tokenizer(args.model)
+    full, tokenizer = load_model(args.model)
     base_dir = Path(tempfile.mkdtemp(prefix="elasticlora-base-"))
     full.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     bits = {"load_in_4bit": args.bits == 4, "load_in_8bit": args.bits == 8}
-    quantized, _ = load_model_and_tokenizer(str(base_dir), dtype="auto", **bits)
+    quantized, _ = load_model(str(base_dir), dtype="auto", **bits)
     quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
     model = get_peft_model(quantized, ElasticLoraConfig(r=args.max_rank))
     print(f"elastic layers: {type(next(iter(elastic_layers(model).values()))).__name__}")

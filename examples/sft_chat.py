@@ -18,9 +18,9 @@ from trl import SFTConfig, SFTTrainer
 from elasticlora import ElasticLoraConfig
 from elasticlora.callbacks import add_rank_curve
 from elasticlora.data import load_rows
-from elasticlora.loading import load_model_and_tokenizer
 
-DATA = Path(__file__).resolve().parents[1] / "elasticlora" / "data"
+from common import DATA, load_model
+
 # A chat template with generation markers, so TRL can score assistant turns only (`assistant_only_loss`).
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/sft_chat"))
     args = parser.parse_args()
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model(args.model)
     tokenizer.chat_template = TINY_TEMPLATE if args.model == "tiny" else TEMPLATE
     config = SFTConfig(
         output_dir=str(args.out),

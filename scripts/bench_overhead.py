@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from sampling_study import parse_arm
+from recipe_study import parse_arm
 
 from elasticlora import ElasticLoraConfig
 from elasticlora.loading import load_model_and_tokenizer

@@ -32,7 +32,7 @@ def check_with_vllm(adapter_dir: str | Path, expected_modules: set[str] = LLAMA_
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
-    from elasticlora.export import vllm_max_lora_rank
+    from elasticlora.vllm import vllm_max_lora_rank
 
     adapter_dir = str(adapter_dir)
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())

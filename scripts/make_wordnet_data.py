@@ -1,10 +1,10 @@
-"""Derive the small word -> definition sample shipped in elasticlora/data/ from Debian's `wordnet-base` package.
+"""Derive the small word -> definition sample in examples/data/ from Debian's `wordnet-base` package.
 
     apt-get download wordnet-base && dpkg -x wordnet-base_*.deb /tmp/wn
     python scripts/make_wordnet_data.py /tmp/wn/usr/share/wordnet
 
 Writes `wordnet_train.jsonl` and `wordnet_eval.jsonl` (prompt/completion rows). Deterministic. WordNet 3.0 is
-(c) 2006 Princeton University under the WordNet 3.0 licence, reproduced in elasticlora/data/LICENSE-wordnet.md.
+(c) 2006 Princeton University under the WordNet 3.0 licence, reproduced in examples/data/LICENSE-wordnet.md.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def read_synsets(wordnet_dir: Path) -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("wordnet_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "elasticlora" / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "data")
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--eval", type=int, default=300)
     args = parser.parse_args()

@@ -4,13 +4,15 @@ Trains arms on SmolLM2-135M-Instruct (batch 16, AdamW, 5% warmup, linear decay, 
 tasks of different kinds, and records eval loss at every uniform rank on a `dev` split (for choosing) and a `test`
 split (for reporting):
 
-- `wordnet`: word -> dictionary definition (elasticlora/data, WordNet 3.0 licence);
+- `wordnet`: word -> dictionary definition (examples/data, WordNet 3.0 licence);
 - `cmudict`: spelling -> ARPAbet phonemes (scripts/data, CMU Pronouncing Dictionary, BSD-2-Clause).
 
 An arm is `lora` (plain LoRA at --max-rank, rsLoRA alpha 16: its SVD truncations are recorded too), `lora@K` (plain
 LoRA trained at rank K, the grid), `default` (ElasticLoraConfig() at --max-rank) or comma-separated
-ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`). Every (task, steps, arm, lr, seed) run is kept in
-the JSON as soon as it ends, and runs already there are skipped, so a cut-off study resumes where it stopped.
+ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`); arms recorded with fields retired since
+(`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun at commit d6061fc. Every (task, steps,
+arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already there are skipped, so a cut-off study
+resumes where it stopped.
 `--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev. `--plot` only redraws.
 
     python scripts/recipe_study.py --task cmudict --steps 180 --arms lora default full_rank_prob=0.75 \\
@@ -24,27 +26,26 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from sampling_study import parse_arm
 
 from elasticlora import ElasticLoraConfig, at_ranks
 from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss
 from elasticlora.loading import load_model_and_tokenizer
-from elasticlora.shrink import shrink, svd_reorder
-from elasticlora.train import train_steps
+from elasticlora.shrink import shrink
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from common import DATA, train_steps  # noqa: E402
+
 TASKS = {
-    "wordnet": (
-        ROOT / "elasticlora" / "data" / "wordnet_train.jsonl",
-        ROOT / "elasticlora" / "data" / "wordnet_eval.jsonl",
-    ),
+    "wordnet": (DATA / "wordnet_train.jsonl", DATA / "wordnet_eval.jsonl"),
     "cmudict": (ROOT / "scripts" / "data" / "cmudict_train.jsonl", ROOT / "scripts" / "data" / "cmudict_eval.jsonl"),
 }
 
@@ -53,8 +54,21 @@ def arm_config(spec: str, max_rank: int) -> ElasticLoraConfig:
     """The config an arm spec names (see the module docstring)."""
     if spec == "lora" or spec.startswith("lora@"):
         r = max_rank if spec == "lora" else int(spec[5:])
-        return ElasticLoraConfig(r=r, rank_sampler="none", truncation_scale_power=0.0)
+        return ElasticLoraConfig(r=r, rank_sampler="none")
     return ElasticLoraConfig(r=max_rank, **parse_arm(spec))
+
+
+def parse_arm(spec: str) -> dict:
+    """`"shared_draw_prob=0.5,full_rank_prob=0.75"` -> config kwargs (`default`: none)."""
+    if spec == "default":
+        return {}
+    kwargs = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ElasticLoraConfig.__dataclass_fields__:
+            raise SystemExit(f"bad arm item {item!r}: expected FIELD=VALUE with an ElasticLoraConfig field")
+        kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
+    return kwargs
 
 
 def run_key(task: str, steps: int, arm: str, lr: float, seed: int) -> str:
@@ -99,8 +113,7 @@ class Study:
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
         plain = arm.startswith("lora")
         entry.update(self.curves(model, [config.r] if plain else self.ranks))
-        if arm == "lora":
-            svd_reorder(model)
+        if arm == "lora":  # a truncation keeps the top singular directions: SVD truncation
             entry["svd"] = self.curves(model, self.ranks)
         for tolerance in self.args.shrink if arm == "lora" or not plain else []:
             result = shrink(model, self.splits["dev"], tolerance=tolerance, autocast_dtype=self.dtype, progress=False)

@@ -181,7 +181,7 @@ def main() -> None:
     results.setdefault("base_params", index["metadata"]["total_size"] // 2)
     if not (adapter / "adapter_model.safetensors").exists():
         results["adapter_params"] = write_adapter(adapter)
-    rows = load_rows(ROOT / "elasticlora" / "data" / "wordnet_eval.jsonl")[: args.rows]
+    rows = load_rows(ROOT / "examples" / "data" / "wordnet_eval.jsonl")[: args.rows]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     device = ["--device", args.device] if args.device else []
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -30,15 +31,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.conversion import convert_to_lora
 
 from elasticlora import at_ranks, elastic_layers, load_elastic
+from elasticlora.adapter_io import adapter_files, write_atomically
 from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss
-from elasticlora.export import adapter_files, write_atomically
+from elasticlora.layer import prefix_factors
 from elasticlora.loading import load_model_and_tokenizer
 from elasticlora.ranks import module_shapes
-from elasticlora.shrink import shrink, shrink_family, svd_reorder
-from elasticlora.train import train_steps
+from elasticlora.shrink import shrink, shrink_family
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from common import train_steps  # noqa: E402
+
 WORK = ROOT / "outputs" / "shrink_baselines"
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95)
 TOLERANCES = (0.005, 0.01, 0.02, 0.05)
@@ -56,10 +60,11 @@ def train_plain_lora(path: Path, base, tokenizer, steps: int) -> None:
 
 @torch.no_grad()
 def singular_values(model) -> dict[str, torch.Tensor]:
-    """Per module, the singular values of its update `scaling * B A`, descending (after `svd_reorder`)."""
+    """Per module, the singular values of its update `scaling * B A`, descending: in its singular basis the rows
+    of `M A` are orthonormal and the columns of `B N` have the singular values as norms."""
     values = {}
     for name, layer in elastic_layers(model).items():
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a, b = prefix_factors(layer, "default", layer.r["default"])
         values[name] = (b.norm(dim=0) * a.norm(dim=1) * layer.scaling["default"]).double().cpu()
     return values
 
@@ -122,7 +127,6 @@ def main() -> None:
                                 "test": eval_loss(converted, test)})  # fmt: skip
             plain = PeftModel.from_pretrained(converted.unload(), adapter)
     model = load_elastic(plain.unload(), adapter)
-    svd_reorder(model)
     widths = {name: sum(shape) for name, shape in module_shapes(model).items()}
     values = singular_values(model)
 

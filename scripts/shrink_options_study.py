@@ -40,7 +40,7 @@ DEMO_ADAPTER = ROOT / "outputs" / "demo" / "adapter"  # `make demo`
 CMUDICT_ADAPTER = ROOT / "outputs" / "shrink_baselines" / "plain_lora_r32_180steps"  # scripts/shrink_baselines.py
 # task -> (eval rows, how many of them are dev; the rest are test)
 TASKS = {
-    "wordnet": (ROOT / "elasticlora" / "data" / "wordnet_eval.jsonl", 96),  # the demo shrinks on the first 96
+    "wordnet": (ROOT / "examples" / "data" / "wordnet_eval.jsonl", 96),  # the demo shrinks on the first 96
     "cmudict": (ROOT / "scripts" / "data" / "cmudict_eval.jsonl", 150),
 }
 FP32 = ["--dtype", "float32"]

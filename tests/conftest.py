@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from elasticlora.testing import VOCAB, char_tokenizer, tiny_gpt2, tiny_llama
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from common import VOCAB, char_tokenizer, tiny_gpt2, tiny_llama  # noqa: E402
 
 __all__ = ["VOCAB", "char_tokenizer", "tiny_gpt2", "tiny_llama"]
 

@@ -1,9 +1,10 @@
 import pytest
 import torch
-from conftest import MODELS
 from peft import LoraConfig, get_peft_model
 
 from elasticlora import ElasticLinear, ElasticLoraConfig, elastic_layers, get_elastic_model
+
+from conftest import MODELS
 
 
 @pytest.mark.parametrize("model_id", sorted(MODELS))
@@ -31,10 +32,8 @@ INVALID = [
     ("full_rank_prob", -0.1),
     ("full_rank_prob", 1.5),
     ("full_rank_prob", float("nan")),
-    ("truncation_scale_power", 2.0),
     ("rank_sampler", "gaussian"),
     ("draw_per", "token"),
-    ("truncation_scaling", "layer"),
     ("shared_draw_prob", 1.5),
     ("shared_draw_prob", True),
     ("basis_refresh_steps", 0),
@@ -93,24 +92,3 @@ def test_a_model_without_linear_layers_is_refused_with_its_layer_types():
 def test_targets_that_match_nothing_are_refused_with_the_candidates():
     with pytest.raises(ValueError, match=r"match no module.*'q_proj'.*model\.layers\.0\.self_attn\.q_proj"):
         get_elastic_model(MODELS["llama"](), ElasticLoraConfig(target_modules=["qq_proj"]))
-
-
-def test_component_scaling_needs_a_power_below_one():
-    with pytest.raises(ValueError, match="truncation_scaling='component'"):
-        ElasticLoraConfig(truncation_scaling="component", truncation_scale_power=1.0)
-
-
-@pytest.mark.parametrize("power", [0.0, 0.25, 0.5, 0.75])
-def test_component_weights_give_each_prefix_its_total_weight(power):
-    """The first k components weigh r ** power * k ** (1 - power) together, as a prefix does under prefix scaling."""
-    config = ElasticLoraConfig(
-        r=32, truncation_scaling="component", truncation_scale_power=power, truncation_basis="index"
-    )
-    weights = torch.tensor(config.component_weights(), dtype=torch.float64)
-    ks = torch.arange(1, 33, dtype=torch.float64)
-    assert torch.allclose(weights.cumsum(0), 32**power * ks ** (1 - power))
-    assert torch.all(weights[1:] <= weights[:-1])  # leading components weigh the most
-    prefix = ElasticLoraConfig(
-        r=32, truncation_scale_power=power, truncation_scaling="prefix", truncation_basis="index"
-    )
-    assert all(prefix.prefix_scale(32, int(k)) * k == pytest.approx(32**power * k ** (1 - power)) for k in ks)

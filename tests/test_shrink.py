@@ -1,20 +1,20 @@
-import math
-
 import pytest
 import torch
-from conftest import VOCAB, randomize_lora, tiny_llama
 from peft import get_peft_model
 
 from elasticlora import ElasticLoraConfig, adapter_param_count, at_ranks, elastic_layers
 from elasticlora.data import make_batches
 from elasticlora.evaluate import eval_loss
-from elasticlora.shrink import allocation_path, sensitivity, shrink, shrink_family, svd_reorder, within_tolerance
+from elasticlora.sensitivity import allocation_path, sensitivity
+from elasticlora.shrink import shrink, shrink_family, within_tolerance
+
+from conftest import VOCAB, randomize_lora, tiny_llama
 
 SIGNAL = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
 
 
-@pytest.fixture(scope="module", params=["prefix", "component"])
-def toy_task(request):
+@pytest.fixture(scope="module")
+def toy_task():
     """An adapter that matters only in two modules, and eval data sampled from base + that signal.
 
     The signal modules carry a strong rank-2 update in their first two components; every other module carries only
@@ -23,11 +23,7 @@ def toy_task(request):
     base = tiny_llama(layers=2)
     with torch.no_grad():
         base.lm_head.weight.mul_(100)  # a peaked next-token distribution, so the signal shows in the loss
-    # prefix, power 0: one scale, a plain decomposition; component: the default weights on the same parameters
-    power = 0.0 if request.param == "prefix" else 0.5
-    model = get_peft_model(
-        base, ElasticLoraConfig(r=8, truncation_scale_power=power, truncation_scaling=request.param)
-    )
+    model = get_peft_model(base, ElasticLoraConfig(r=8))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, layer in elastic_layers(model).items():
@@ -157,53 +153,13 @@ def test_allocation_path_is_monotone_and_orders_by_price():
     assert path[1]["cheap"] < 3 and path[1]["dear"] == 3  # the cheap module is cut first
 
 
-def test_svd_reorder_keeps_the_product_and_orders_components():
-    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6, rank_sampler="none", truncation_scale_power=0.0))
-    randomize_lora(model)
-    layer = elastic_layers(model)["model.layers.0.mlp.up_proj"]
-    before = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-    svd_reorder(model)
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    assert torch.allclose(b @ a, before, atol=1e-5)
-    norms = [float(b[:, i].norm() * a[i].norm()) for i in range(6)]
-    assert norms == sorted(norms, reverse=True)
-    # prefix 2 is the best rank-2 approximation (Eckart-Young)
-    s = torch.linalg.svdvals(before)
-    assert float((before - b[:, :2] @ a[:2]).norm()) == pytest.approx(math.sqrt(float((s[2:] ** 2).sum())), rel=1e-4)
-
-
-def test_svd_reorder_keeps_the_weighted_product_under_component_scaling(input_ids):
-    model = get_peft_model(
-        tiny_llama(), ElasticLoraConfig(r=6, truncation_scaling="component", truncation_scale_power=0.5)
-    )
-    randomize_lora(model)
-    with torch.no_grad():
-        before = model.eval()(input_ids).logits
-    svd_reorder(model)
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids).logits, before, atol=1e-5)
-
-
-def test_sensitivity_reads_the_weighted_components(input_ids):
-    """Component weights or the same update held as plain weights: the same first-order truncation costs."""
-    weighted = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6, truncation_scaling="component"))
-    randomize_lora(weighted)
-    plain = get_peft_model(tiny_llama(), ElasticLoraConfig(r=6, truncation_scale_power=0.0))
-    plain.load_state_dict(weighted.state_dict())  # B * c, as plain PEFT would load it
-    batches = make_batches([{"input_ids": row.tolist(), "labels": row.tolist()} for row in input_ids], 2, 0)
-    got, expected = (sensitivity(m, batches, progress=False) for m in (weighted, plain))
-    assert any(c.abs().sum() > 0 for c in expected.values())
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], rtol=1e-3, atol=1e-9), name
-
-
 @pytest.fixture(scope="module")
 def rank4_task():
     """r = 32, every module's update lives in its first 4 components (the rest are zero), data sampled from it."""
     base = tiny_llama(layers=2)
     with torch.no_grad():
         base.lm_head.weight.mul_(100)
-    model = get_peft_model(base, ElasticLoraConfig(r=32, truncation_scale_power=0.0)).eval()
+    model = get_peft_model(base, ElasticLoraConfig(r=32)).eval()
     randomize_lora(model, seed=5)
     with torch.no_grad():
         for layer in elastic_layers(model).values():

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_llama
 from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from elasticlora import ElasticLinear, ElasticLoraConfig, elastic_layers
 from elasticlora.callbacks import add_rank_curve
 from elasticlora.data import tokenize_rows
+
+from conftest import char_tokenizer, tiny_llama
 
 ROWS = [
     {"prompt": f"define {w}:", "completion": f" a word of {len(w)} letters."} for w in ("cat", "sun", "tree", "moon")
@@ -66,7 +67,7 @@ def test_trainer_trains_saves_resumes_and_logs_the_rank_curve(tmp_path, checkpoi
     layers = elastic_layers(resumed.model)
     assert all(isinstance(layer, ElasticLinear) for layer in layers.values())
     assert resumed.state.global_step == 6
-    assert all(layer.elastic_state["default"].drawn_ranks() is not None for layer in layers.values())
+    assert all(layer.drawn_ranks() is not None for layer in layers.values())
     changed = [k for k, v in resumed.model.state_dict().items() if "lora_" in k and not torch.equal(v, final[k])]
     assert changed, "training continued from the checkpoint"
 

@@ -5,11 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import randomize_lora, tiny_llama
 from peft import get_peft_model
 
 from elasticlora import ElasticLoraConfig, elastic_layers
-from elasticlora.export import adapter_files, export_peft_adapter, write_atomically
+from elasticlora.adapter_io import adapter_files, write_atomically
+from elasticlora.export import export_peft_adapter
+
+from conftest import randomize_lora, tiny_llama
 
 pytestmark = [
     pytest.mark.vllm,

@@ -4,14 +4,15 @@ import json
 
 import pytest
 import torch
-from conftest import char_tokenizer, randomize_lora, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from elasticlora import ElasticLoraConfig, at_ranks, load_elastic
 from elasticlora.cli import main
 from elasticlora.data import eval_batches
-from elasticlora.train import train_steps
 from elasticlora.workflow import inspect_adapter, shrink_adapter
+
+from common import train_steps
+from conftest import char_tokenizer, randomize_lora, tiny_llama
 
 ROWS = [{"prompt": "define cat:", "completion": " a small animal."}, {"text": "the quick brown fox jumps."}] * 4
 

@@ -1,22 +1,24 @@
-"""`truncation_basis="svd"`: truncations keep the top singular directions of each layer's current update."""
+"""Truncations keep the top singular directions of each layer's current update (basis.py)."""
 
 import copy
 import json
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, load_elastic
-from elasticlora.layer import elastic_delta_weight
-from elasticlora.shrink import sensitivity, shrink, svd_reorder
+from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, is_elastic_adapter, load_elastic
+from elasticlora.basis import svd_basis
+from elasticlora.layer import elastic_delta_weight, prefix_factors
+from elasticlora.shrink import sensitivity, shrink
+
+from conftest import randomize_lora, tiny_llama
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 
 def svd_model(**kwargs):
-    model = get_peft_model(tiny_llama(), ElasticLoraConfig(**{"r": 8, "truncation_basis": "svd", **kwargs}))
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(**{"r": 8, **kwargs}))
     randomize_lora(model)
     return model
 
@@ -56,17 +58,16 @@ def test_full_rank_is_plain_peft_lora(tmp_path, input_ids):
 def test_each_example_trains_its_own_drawn_rank():
     """In training mode example b sees the adapter truncated to its drawn rank; full-rank rows are plain LoRA."""
     layer = elastic_layers(svd_model(full_rank_prob=0.3))[Q_PROJ]
-    state = layer.elastic_state["default"]
     x = torch.randn(32, 5, layer.in_features)
     layer.train()
     y = layer(x)
-    ks = state.drawn_ranks().tolist()
+    ks = layer.drawn_ranks().tolist()
     assert 8 in ks and len(set(ks)) > 2
     layer.eval()
     for b, k in enumerate(ks):
         layer.set_elastic_rank(k, "default")
         expected = layer(x[b : b + 1])[0]
-        assert torch.equal(y[b], expected) if k == 8 else torch.allclose(y[b], expected, atol=1e-5)
+        assert torch.allclose(y[b], expected, atol=1e-6 if k == 8 else 1e-5)  # one row or a batch: BLAS rounding
     layer.set_elastic_rank(None, "default")
 
 
@@ -79,7 +80,7 @@ def test_a_mixed_batch_gets_each_examples_truncated_gradient():
     weights = torch.randn(12, 4, layer.out_features)
     layer.train()
     (layer(x) * weights).sum().backward()
-    ks = layer.elastic_state["default"].drawn_ranks().tolist()
+    ks = layer.drawn_ranks().tolist()
     assert 8 in ks and len(set(ks)) > 2
     got = [x.grad.clone()] + [p.grad.clone() for p in params]
     x.grad = None
@@ -90,22 +91,22 @@ def test_a_mixed_batch_gets_each_examples_truncated_gradient():
         (layer(x[b : b + 1]) * weights[b : b + 1]).sum().backward()
     layer.set_elastic_rank(None, "default")
     expected = [x.grad] + [p.grad for p in params]
-    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-5) for g, e in zip(got, expected))
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-4) for g, e in zip(got, expected))  # fp32 sums of ~50
 
 
 def test_a_truncated_example_trains_every_component():
-    """Unlike index truncation (whose dropped components get zero gradient), a rank-1 draw moves all of A and B."""
-    model = get_peft_model(
-        tiny_llama(), ElasticLoraConfig(r=8, truncation_basis="svd", full_rank_prob=0.0, min_rank=1)
-    )
+    """Unlike masking stored components (dropped ones get zero gradient), a rank-1 draw moves all of A and B."""
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, full_rank_prob=0.0, min_rank=1))
     randomize_lora(model)
     layer = elastic_layers(model)[Q_PROJ]
     x = torch.randn(1, 5, layer.in_features)
     layer.train()
+    sampler = layer.elastic_state["default"].sampler
     for _ in range(50):  # until rank 1 is drawn
+        sampler.new_pass()  # the layer is called directly, not through the model that starts passes
         layer.zero_grad()
         layer(x).sum().backward()
-        if layer.elastic_state["default"].drawn_ranks().tolist() == [1]:
+        if layer.drawn_ranks().tolist() == [1]:
             break
     else:
         pytest.fail("rank 1 never drawn")
@@ -114,9 +115,7 @@ def test_a_truncated_example_trains_every_component():
     # and it is the gradient of the rank-1 truncation with the basis held fixed
     a = layer.lora_A["default"].weight.detach().requires_grad_(True)
     b = layer.lora_B["default"].weight.detach().requires_grad_(True)
-    from elasticlora.layer import _svd_basis
-
-    m, n = _svd_basis(a, b)
+    m, n = svd_basis(a, b)
     out = (x @ a.T @ m[:1].T @ n[:, :1].T @ b.T) * layer.scaling["default"]
     out.sum().backward()
     assert torch.allclose(grad_a, a.grad, atol=1e-5) and torch.allclose(grad_b, b.grad, atol=1e-5)
@@ -139,20 +138,19 @@ def test_basis_follows_the_optimizer(input_ids):
 def test_training_recomputes_the_basis_every_basis_refresh_steps_optimizer_steps():
     """Between refreshes a truncated training example is projected with the basis of the last refresh; the
     micro-batches of an accumulated step count as one step; eval always uses the current basis."""
-    from elasticlora.layer import _svd_basis
-
     layer = elastic_layers(svd_model(basis_refresh_steps=3, full_rank_prob=0.2, lora_dropout=0.0))[Q_PROJ]
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     optimizer = torch.optim.SGD([a, b], lr=0.5)
     x = torch.randn(16, 3, layer.in_features)
     for step in range(7):
         if step % 3 == 0:
-            m, n = _svd_basis(a.detach(), b.detach())
+            m, n = svd_basis(a.detach(), b.detach())
         layer.train()
         for _ in range(2):  # two micro-batches per optimizer step
+            layer.elastic_state["default"].sampler.new_pass()
             y = layer(x)
             y.pow(2).mean().backward()
-        ks = layer.elastic_state["default"].drawn_ranks().tolist()
+        ks = layer.drawn_ranks().tolist()
         assert len(set(ks)) > 2
         with torch.no_grad():
             base = layer.base_layer(x)
@@ -196,7 +194,11 @@ def test_shrink_reads_the_singular_components_and_leaves_the_model_alone(tmp_pat
     model = svd_model().eval()
     batches = [{"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}]
     ordered = copy.deepcopy(model)
-    svd_reorder(ordered)
+    with torch.no_grad():  # store the factors in their singular basis: M A and B N
+        for layer in elastic_layers(ordered).values():
+            a, b = prefix_factors(layer, "default", 8)
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
     for layer in elastic_layers(ordered).values():  # ordered factors: the stored prefix is the truncation
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         sliced = (b[:, :2] @ a[:2]) * layer.scaling["default"]
@@ -219,35 +221,19 @@ def at_ranks_logits(model, k, input_ids):
         return model(input_ids).logits
 
 
-def test_bad_basis_is_refused():
-    with pytest.raises(ValueError, match="truncation_basis"):
-        ElasticLoraConfig(truncation_basis="qr")
-
-
-def test_default_draws_one_rank_per_example_and_full_rank_for_most():
-    """The default recipe: each example runs every layer at one rank; full rank for full_rank_prob plus the
-    sampler's share of it (0.5 + 0.5 / 4 with support {1, 2, 4, 8}), every other rank of the support equally."""
-    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8)).train()
-    torch.manual_seed(0)
-    model(torch.randint(0, 64, (4000, 2)))
-    draws = torch.stack([layer.elastic_state["default"].drawn_ranks() for layer in elastic_layers(model).values()])
-    assert (draws == draws[0]).all()
-    shares = {k: (draws[0] == k).float().mean().item() for k in (1, 2, 4, 8)}
-    assert shares[8] == pytest.approx(0.625, abs=0.03)
-    assert all(share == pytest.approx(0.125, abs=0.02) for k, share in shares.items() if k < 8)
-
-
-def test_an_adapter_saved_before_the_basis_field_keeps_index_truncation(tmp_path, input_ids):
-    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8, truncation_basis="index"))
-    randomize_lora(model)
+def test_an_adapter_saved_by_an_earlier_version_loads_in_the_singular_basis(tmp_path, input_ids):
+    """Adapters saved with the retired index-basis fields hold plain B and A; they load as elastic adapters and
+    truncate to their best rank-k updates."""
+    model = svd_model().eval()
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
     raw = json.loads(path.read_text())
-    del raw["truncation_basis"]
+    for name in ("rank_sampler", "min_rank", "full_rank_prob", "shared_draw_prob", "draw_per", "basis_refresh_steps"):
+        del raw[name]
+    raw.update(truncation_basis="index", truncation_scaling="component", truncation_scale_power=0.5)
     path.write_text(json.dumps(raw))
+    assert is_elastic_adapter(tmp_path)
     reloaded = load_elastic(tiny_llama(), tmp_path).eval()
-    assert all(layer.elastic_state["default"].basis == "index" for layer in elastic_layers(reloaded).values())
     with torch.no_grad():
         for k in (1, 3):
-            expected = at_ranks_logits(model.eval(), k, input_ids)
-            assert torch.allclose(at_ranks_logits(reloaded, k, input_ids), expected, atol=1e-5)  # B * c / c rounding
+            assert torch.allclose(at_ranks_logits(reloaded, k, input_ids), at_ranks_logits(model, k, input_ids))

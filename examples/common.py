@@ -1,0 +1,127 @@
+"""What the examples, scripts and tests share: the WordNet sample, `--model tiny`, and a minimal training loop.
+
+Real projects use transformers' Trainer or TRL unchanged; `train_steps` is the few lines the demo and the studies
+need. `tiny_llama` and `char_tokenizer` build a random model offline in milliseconds (it learns nothing useful).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from elasticlora.evaluate import model_device
+from elasticlora.loading import load_model_and_tokenizer
+
+DATA = Path(__file__).resolve().parent / "data"  # wordnet_train.jsonl, wordnet_eval.jsonl (WordNet 3.0 licence)
+TINY_MODEL = "tiny"
+
+VOCAB = 64
+CHARS = "abcdefghijklmnopqrstuvwxyz .,:'?!\n"
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32):
+    """A random Llama (vocabulary of 64) whose rows fit the character tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A random GPT-2 (transformers `Conv1D` layers)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def char_tokenizer():
+    """A character-level tokenizer over lowercase text (37 tokens; others map to <unk>)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def load_model(model: str, **kwargs) -> tuple[torch.nn.Module, object]:
+    """`elasticlora.loading.load_model_and_tokenizer`, or a random Llama and a character tokenizer for `"tiny"`."""
+    if model != TINY_MODEL:
+        return load_model_and_tokenizer(model, **kwargs)
+    if kwargs.get("load_in_4bit") or kwargs.get("load_in_8bit"):
+        raise ValueError("the 'tiny' model is built in memory: save it first to load it quantized")
+    # rows of 128 and 192: whole 4-bit blocks of 64 weights, double quantization included
+    return tiny_llama(hidden=128), char_tokenizer()
+
+
+def train_steps(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+    seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    warmup_steps: int = 0,
+) -> list[float]:
+    """AdamW on the trainable parameters for `steps` batches (cycling through shuffled `batches`), linear decay.
+
+    Returns the training loss of every step.
+    """
+    torch.manual_seed(seed)
+    order = list(range(len(batches)))
+    random.Random(seed).shuffle(order)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / max(1, warmup_steps)) * max(0.0, 1.0 - step / steps),
+    )
+    device = model_device(model)
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    model.train()
+    losses = []
+    bar = tqdm(itertools.islice(itertools.cycle(order), steps), total=steps, desc=desc, disable=not progress)
+    for index in bar:
+        batch = {k: v.to(device) for k, v in batches[index].items()}
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
