@@ -5,7 +5,7 @@ PEFT has no public extension point for a new kind of LoRA layer, so elasticlora 
 each signature and behaviour relied on, so a PEFT release that changes one fails there, with a message that names
 the change, instead of somewhere deep in training.
 
-Relied on (PEFT 0.21):
+Relied on (PEFT 0.19 to 0.21; 0.18 builds custom layers without `config` and resolves variants otherwise):
 - `LoraConfig._register_custom_module(mapping)`: layer type -> factory `(target, adapter_name, config=, **kwargs)`;
   PEFT's dispatch takes the first `isinstance` match and passes `target_name` among the kwargs (experimental API).
 - `LoraVariant`: static `init(module, adapter_name, config=, **kwargs)`, `merge_safe`, `merge_unsafe`, `unmerge`
@@ -31,7 +31,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import transpose
 
-SUPPORTED_PEFT = ">=0.21,<0.22"  # pyproject.toml pins the same range; tests/test_peft_compat.py checks it
+SUPPORTED_PEFT = ">=0.19,<0.22"  # pyproject.toml pins the same range; tests/test_peft_compat.py checks it
 
 __all__ = [
     "SUPPORTED_PEFT",

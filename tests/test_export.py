@@ -49,14 +49,3 @@ def test_export_refuses_an_empty_adapter():
     model = get_peft_model(MODELS["llama"](), ElasticLoraConfig(r=4))
     with pytest.raises(ValueError, match="every module is at rank 0"):
         export_peft_adapter(model, 0)
-
-
-def test_write_atomically_refuses_existing_and_replaces_with_overwrite(tmp_path):
-    out = tmp_path / "adapter"
-    write_atomically(out, {"a.txt": b"one"})
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        write_atomically(out, {"a.txt": b"two"})
-    assert (out / "a.txt").read_bytes() == b"one"
-    write_atomically(out, {"b.txt": b"three"}, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter"], "no temporary directories are left behind"
