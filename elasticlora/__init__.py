@@ -7,6 +7,7 @@ from .model import adaptable_modules, get_elastic_model
 from .ranks import (
     adapter_param_count,
     at_ranks,
+    attach_sampler,
     elastic_layers,
     max_ranks,
     merge_and_unload_at,
@@ -24,6 +25,7 @@ __all__ = [
     "adaptable_modules",
     "adapter_param_count",
     "at_ranks",
+    "attach_sampler",
     "elastic_layers",
     "get_elastic_model",
     "is_elastic_adapter",

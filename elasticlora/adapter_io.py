@@ -128,7 +128,9 @@ def write_atomically(out_dir: str | Path, files: dict[str, bytes], overwrite: bo
     """
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise FileExistsError(
+            f"{out} already exists; choose another output directory or pass overwrite=True (--overwrite)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -16,7 +16,7 @@ top `k_b` singular directions of the current update. At a fixed rank k (eval, sh
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,13 +46,6 @@ class ElasticState:
     samples: bool  # whether training ever truncates this layer
     rank: int | None = None  # fixed truncation; None = full rank in eval, drawn ranks in training
     merged_rank: int | None = None
-    _arange: dict = field(default_factory=dict, repr=False)
-
-    def positions(self, device: torch.device) -> torch.Tensor:
-        """(r,) component indices 0..r-1 on `device`."""
-        if device not in self._arange:
-            self._arange[device] = torch.arange(self.r, device=device)
-        return self._arange[device]
 
 
 def _effective_rank(state: ElasticState, rank: int | None) -> int:
@@ -130,12 +123,11 @@ class ElasticVariant(LoraVariant):
         k = _effective_rank(state, state.rank)
         if state.rank is None and module.training and state.samples:
             h = lora_a(dropout(x))  # (B, ..., r)
-            ranks = state.sampler.ranks(state.column, h.shape[0] if h.dim() > 1 else 1, h.device)
-            if ranks is None:  # every row at full rank: a plain LoRA step
+            drop = state.sampler.drop_mask(state.column, h.shape[0] if h.dim() > 1 else 1, h.device, h.dtype)
+            if drop is None:  # every row at full rank: a plain LoRA step
                 return result + lora_b(h) * scaling
             m, n = state.basis.training(lora_a.weight, lora_b.weight, h.dtype)
-            drop = (state.positions(h.device) >= ranks[:, None]).to(h.dtype)  # (B or 1, r)
-            drop = drop.view(drop.shape[0], *([1] * (h.dim() - 2)), state.r) if h.dim() > 1 else drop[0]
+            drop = drop[(slice(None),) + (None,) * (h.dim() - 2)] if h.dim() > 1 else drop[0]  # (B or 1, 1.., r)
             return result + lora_b(h - F.linear(F.linear(h, m) * drop, n)) * scaling
         if k == state.r:  # through the lora_A module, whose output hook `sensitivity` reads
             return result + lora_b(lora_a(dropout(x))) * scaling

@@ -2,8 +2,9 @@
 
 One `RankSampler` serves every layer of an elastic adapter (it lives on the adapter's `ElasticLoraConfig`). When the
 model's outermost module starts a forward pass, the sampler forgets the last draws; the first elastic layer that
-runs in training mode then makes them for the whole pass, on the host, as a (draws, layers) table of ranks, and
-copies that table to the device once. Every layer reads its own column. So:
+runs in training mode then makes them for the whole pass, on the host, as a (draws, layers) table of ranks; on
+each device and dtype in use, one copy and one comparison turn it into the (draws, layers, r) masks of the dropped
+components, and every layer reads its own slice of them (a view: no kernel of its own). So:
 
 - each example runs at one rank in every layer (with probability `shared_draw_prob`; otherwise each layer draws its
   own), and a module called twice in one pass uses the same ranks both times;
@@ -18,8 +19,9 @@ method is running (`get_peft_model` builds the layers inside `PeftModel.__init__
 returns); if that module is gone by the first training draw (PEFT's `inject_adapter_in_model` drops its wrapper),
 the outermost module whose `forward` is running then. `get_elastic_model` and `load_elastic` hook the model they
 return explicitly. A training loop that calls an inner module directly, bypassing the hooked one, never starts a
-new pass: call `RankSampler.new_pass()` there. A layer whose input rows are not the pass's examples (e.g. the
-experts of a mixture-of-experts layer, which see routed tokens) runs the whole call at the pass's first rank.
+new pass: hook that module with `elasticlora.attach_sampler(module)`. A layer whose input rows are not the pass's
+examples (e.g. the experts of a mixture-of-experts layer, which see routed tokens) runs the whole call at the pass's
+first rank.
 """
 
 from __future__ import annotations
@@ -174,15 +176,16 @@ class RankSampler:
             table[:, columns] = torch.tensor(list(probs))[index]
         return table
 
-    def ranks(self, column: int, n_rows: int, device: torch.device) -> torch.Tensor | None:
-        """(n_rows,) or (1,) ranks of one layer in the current pass, on `device`; None when all are full rank."""
+    def drop_mask(self, column: int, n_rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """(n_rows, r) or (1, r) mask of one layer's dropped components in the current pass (1: dropped), on `device`
+        in `dtype`; None when the layer runs at full rank for every row."""
         if self._pass is None:
             if not self._roots:  # the module hooked when the layers were built is gone
                 root = _outermost_module("forward")
                 if root is not None:
                     self.attach(root)
             self._pass = self._last = _Pass(self._draw(n_rows if self.per_example else 1), self._ranks)
-        return self._pass.column(column, n_rows, device)
+        return self._pass.drop_mask(column, n_rows, device, dtype, self._ranks[column])
 
     def __deepcopy__(self, memo) -> RankSampler:
         """A copy with the same settings and layers, hooked to no module yet (a copied model's hooks call it)."""
@@ -197,17 +200,22 @@ class RankSampler:
 
 
 class _Pass:
-    """One forward pass's draws: the host table, which layers run at full rank throughout, and device copies."""
+    """One forward pass's draws: the host table, which layers run at full rank throughout, and the masks made from
+    the table on each (device, dtype)."""
 
     def __init__(self, table: torch.Tensor, max_ranks: list[int]):
         self.table = table
         self.full = (table == torch.tensor(max_ranks)).all(0).tolist()
-        self.on_device: dict[torch.device, torch.Tensor] = {}
+        self.r_max = max(max_ranks)
+        self.masks: dict[tuple, torch.Tensor] = {}
 
-    def column(self, column: int, n_rows: int, device: torch.device) -> torch.Tensor | None:
+    def drop_mask(self, column: int, n_rows: int, device: torch.device, dtype: torch.dtype, r: int):
         if self.full[column]:
             return None
-        if device not in self.on_device:
-            self.on_device[device] = self.table.to(device, non_blocking=True)
-        ranks = self.on_device[device][:, column]
-        return ranks if ranks.shape[0] == n_rows else ranks[:1]
+        key = (device, dtype)
+        if key not in self.masks:  # (draws, layers, r_max): component j of layer l is dropped when j >= rank
+            table = self.table.to(device, non_blocking=True)
+            positions = torch.arange(self.r_max, device=device)
+            self.masks[key] = (positions >= table[:, :, None]).to(dtype)
+        mask = self.masks[key][:, column, :r]
+        return mask if mask.shape[0] == n_rows else mask[:1]

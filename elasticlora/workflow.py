@@ -36,7 +36,9 @@ def _check_shapes_match(model: torch.nn.Module, shapes: dict[str, dict[str, tupl
             continue
         module = named.get(name)
         if module is None:
-            raise ValueError(f"the adapter adapts {name!r}, which the base model does not have: wrong --base-model?")
+            raise ValueError(
+                f"the adapter adapts {name!r}, which the base model does not have: wrong base_model (--base-model)?"
+            )
         weight = getattr(module, "weight", None)
         if weight is None:
             continue
@@ -73,9 +75,11 @@ def shrink_adapter(
     options = ShrinkOptions(**kwargs) if options is None else replace(options, **kwargs)
     source, out = Path(adapter_dir).resolve(), Path(out_dir).resolve()
     if out == source or source in out.parents:
-        raise ValueError(f"--out {out} must not be (inside) the source adapter directory {source}")
+        raise ValueError(f"out_dir (--out) {out} must not be (inside) the source adapter directory {source}")
     if out.exists() and not options.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise FileExistsError(
+            f"{out} already exists; choose another output directory or pass overwrite=True (--overwrite)"
+        )
     raw_config = read_adapter_config(source)
     shapes = read_adapter_shapes(source)
     elastic = is_elastic_config(raw_config)
