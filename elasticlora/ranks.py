@@ -41,8 +41,8 @@ def elastic_layers(model: nn.Module) -> dict[str, ElasticLayerMixin]:
 
 
 def attach_sampler(model: nn.Module) -> nn.Module:
-    """Make `model`'s forward passes start new rank draws for every elastic adapter in it (see `sampler.py`; without
-    this, the first training pass finds the module the loop calls). Returns `model`."""
+    """Make `model`'s forward passes start new rank draws for every elastic adapter in it: for a loop that calls a
+    module other than the one outermost when the layers were built (see `sampler.py`). Returns `model`."""
     states = [state for layer in elastic_layers(model).values() for state in layer.elastic_state.values()]
     for sampler in {id(state.sampler): state.sampler for state in states}.values():
         sampler.attach(model)
