@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,6 +69,17 @@ def char_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
     tokenizer.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+def base_model_dir(model: str) -> str:
+    """`model` as `shrink_adapter` takes it: the name itself, or for "tiny" a directory the tiny model is saved to."""
+    if model != TINY_MODEL:
+        return model
+    path = tempfile.mkdtemp(prefix="elasticlora-tiny-")
+    lm, tokenizer = load_model(TINY_MODEL)
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def load_model(model: str, **kwargs) -> tuple[torch.nn.Module, object]:

@@ -22,7 +22,7 @@ from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss
 from elasticlora.workflow import shrink_adapter
 
-from common import DATA, load_model, train_steps
+from common import DATA, base_model_dir, load_model, train_steps
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
@@ -39,7 +39,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="base model path or hub id ('smollm2': packaged)")
+    parser.add_argument(
+        "--model",
+        default="smollm2",
+        help="base model path or hub id ('smollm2': packaged; 'tiny': a random test model)",
+    )
     parser.add_argument("--gguf-file")
     parser.add_argument("--data", default=str(DATA / "wordnet_train.jsonl"))
     parser.add_argument("--eval-data", default=str(DATA / "wordnet_eval.jsonl"))
@@ -54,6 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     autocast = None if args.no_bf16 else torch.bfloat16
 
+    args.model = base_model_dir(args.model)  # shrink loads the base by name or path
     base, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     eval_rows = load_rows(args.eval_data)[: args.eval_rows]
     prompts = [row["prompt"] for row in eval_rows[:3] if "prompt" in row]
