@@ -123,11 +123,10 @@ class ElasticVariant(LoraVariant):
         k = _effective_rank(state, state.rank)
         if state.rank is None and module.training and state.samples:
             h = lora_a(dropout(x))  # (B, ..., r)
-            drop = state.sampler.drop_mask(state.column, h.shape[0] if h.dim() > 1 else 1, h.device, h.dtype)
+            drop = state.sampler.drop_mask(state.column, h)  # (B or 1, 1, ..., r)
             if drop is None:  # every row at full rank: a plain LoRA step
                 return result + lora_b(h) * scaling
             m, n = state.basis.training(lora_a.weight, lora_b.weight, h.dtype)
-            drop = drop[(slice(None),) + (None,) * (h.dim() - 2)] if h.dim() > 1 else drop[0]  # (B or 1, 1.., r)
             return result + lora_b(h - F.linear(F.linear(h, m) * drop, n)) * scaling
         if k == state.r:  # through the lora_A module, whose output hook `sensitivity` reads
             return result + lora_b(lora_a(dropout(x))) * scaling

@@ -167,7 +167,7 @@ class RankSampler:
             shared = torch.rand(n_draws, 1, generator=generator, dtype=torch.float64) < self.shared_prob  # per example
             u = torch.where(shared, u, own)
         table = torch.empty(n_draws, n_layers, dtype=torch.int64)
-        ranks = torch.tensor(self._ranks)
+        ranks = torch.tensor(self._ranks)  # (layers,)
         for r in set(self._ranks):  # one inverse CDF per distinct maximum rank
             probs = self.probabilities(r)
             cdf = torch.tensor(list(probs.values()), dtype=torch.float64).cumsum(0)
@@ -176,16 +176,18 @@ class RankSampler:
             table[:, columns] = torch.tensor(list(probs))[index]
         return table
 
-    def drop_mask(self, column: int, n_rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        """(n_rows, r) or (1, r) mask of one layer's dropped components in the current pass (1: dropped), on `device`
-        in `dtype`; None when the layer runs at full rank for every row."""
+    def drop_mask(self, column: int, h: torch.Tensor) -> torch.Tensor | None:
+        """Mask of one layer's dropped components in the current pass (1: dropped), shaped to broadcast over its rank
+        activations `h` (B, ..., r): (B, 1, ..., r), or (1, 1, ..., r) when the rows of `h` are not the pass's
+        examples; None when the layer runs at full rank for every row."""
         if self._pass is None:
             if not self._roots:  # the module hooked when the layers were built is gone
                 root = _outermost_module("forward")
                 if root is not None:
                     self.attach(root)
-            self._pass = self._last = _Pass(self._draw(n_rows if self.per_example else 1), self._ranks)
-        return self._pass.drop_mask(column, n_rows, device, dtype, self._ranks[column])
+            n_draws = h.shape[0] if self.per_example and h.dim() > 1 else 1
+            self._pass = self._last = _Pass(self._draw(n_draws), self._ranks)
+        return self._pass.drop_mask(column, h, self._ranks[column])
 
     def __deepcopy__(self, memo) -> RankSampler:
         """A copy with the same settings and layers, hooked to no module yet (a copied model's hooks call it)."""
@@ -201,7 +203,7 @@ class RankSampler:
 
 class _Pass:
     """One forward pass's draws: the host table, which layers run at full rank throughout, and the masks made from
-    the table on each (device, dtype)."""
+    the table on each (device, dtype, rank of the activations)."""
 
     def __init__(self, table: torch.Tensor, max_ranks: list[int]):
         self.table = table
@@ -209,13 +211,15 @@ class _Pass:
         self.r_max = max(max_ranks)
         self.masks: dict[tuple, torch.Tensor] = {}
 
-    def drop_mask(self, column: int, n_rows: int, device: torch.device, dtype: torch.dtype, r: int):
+    def drop_mask(self, column: int, h: torch.Tensor, r: int) -> torch.Tensor | None:
         if self.full[column]:
             return None
-        key = (device, dtype)
-        if key not in self.masks:  # (draws, layers, r_max): component j of layer l is dropped when j >= rank
-            table = self.table.to(device, non_blocking=True)
-            positions = torch.arange(self.r_max, device=device)
-            self.masks[key] = (positions >= table[:, :, None]).to(dtype)
-        mask = self.masks[key][:, column, :r]
-        return mask if mask.shape[0] == n_rows else mask[:1]
+        key = (h.device, h.dtype, h.dim())
+        if key not in self.masks:  # (draws, layers, 1, ..., r_max): component j is dropped when j >= the rank
+            table = self.table.to(h.device, non_blocking=True)
+            dropped = (torch.arange(self.r_max, device=h.device) >= table[:, :, None]).to(h.dtype)
+            self.masks[key] = dropped[(slice(None), slice(None)) + (None,) * max(h.dim() - 2, 0)]
+        mask = self.masks[key][:, column, ..., :r]
+        if h.dim() == 1:
+            return mask[0]
+        return mask if mask.shape[0] == h.shape[0] else mask[:1]
