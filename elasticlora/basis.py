@@ -37,7 +37,7 @@ def svd_basis(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Ten
     O((in + out) r^2): two Gram matrices and two r x r eigendecompositions, with no host synchronisation. Non-finite
     factors (a diverged run) give a finite basis, so the outputs are non-finite as plain LoRA's are.
     """
-    with _one_cpu_thread(weight_a.device):
+    with _one_cpu_thread(weight_a.device), torch.autocast(weight_a.device.type, enabled=False):
         a, b = weight_a.float(), weight_b.float()
         lam, q = torch.linalg.eigh(torch.nan_to_num(a @ a.T, 0.0, 0.0, 0.0))  # defined however ill-conditioned A is
         root = lam.clamp_min(lam.max().clamp_min(1e-30) * 1e-12).sqrt()  # a rank-deficient A: whiten its range
@@ -81,12 +81,12 @@ class BasisCache:
         """fp32 `(M[:k] A, B N[:, :k])`, without gradient, cached until the factors change."""
         _, m, n, factors = self._entry(weight_a, weight_b)
         if k not in factors:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(weight_a.device.type, enabled=False):
                 factors[k] = (m[:k] @ weight_a.float(), weight_b.float() @ n[:, :k])
         return factors[k]
 
-    def training(self, weight_a: torch.Tensor, weight_b: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """(M, N) in `dtype` for a training forward: recomputed every `refresh_steps` optimizer steps."""
+    def training(self, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:
+        """fp32 (M, N) for a training forward: recomputed every `refresh_steps` optimizer steps."""
         key = _factor_key(weight_a, weight_b)
         cached = self._training
         if cached is None or cached["key"] != key:
@@ -96,6 +96,4 @@ class BasisCache:
                 cached["age"] += 1
             cached["key"] = key
             self._training = cached
-        if cached.get("dtype") != dtype:
-            cached.update(dtype=dtype, cast=tuple(t.to(dtype) for t in cached["basis"]))
-        return cached["cast"]
+        return cached["basis"]

@@ -9,8 +9,9 @@ split (for reporting):
 
 An arm is `lora` (plain LoRA at --max-rank, rsLoRA alpha 16: its SVD truncations are recorded too), `lora@K` (plain
 LoRA trained at rank K, the grid), `default` (ElasticLoraConfig() at --max-rank) or comma-separated
-ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`); arms recorded with fields retired since
-(`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun at commit d6061fc. Every (task, steps,
+ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`), optionally named `NAME:SPEC` (to tell one
+spec apart across code versions: `rotated:default`; each run records its commit); arms recorded with fields retired
+since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun at commit d6061fc. Every (task, steps,
 arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already there are skipped, so a cut-off study
 resumes where it stopped.
 `--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev. `--plot` only redraws.
@@ -26,6 +27,7 @@ import argparse
 import copy
 import json
 import platform
+import subprocess
 import sys
 import time
 from datetime import date
@@ -52,6 +54,7 @@ TASKS = {
 
 def arm_config(spec: str, max_rank: int) -> ElasticLoraConfig:
     """The config an arm spec names (see the module docstring)."""
+    spec = spec.split(":", 1)[-1]
     if spec == "lora" or spec.startswith("lora@"):
         r = max_rank if spec == "lora" else int(spec[5:])
         return ElasticLoraConfig(r=r, rank_sampler="none")
@@ -69,6 +72,16 @@ def parse_arm(spec: str) -> dict:
             raise SystemExit(f"bad arm item {item!r}: expected FIELD=VALUE with an ElasticLoraConfig field")
         kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     return kwargs
+
+
+def commit() -> str:
+    """The checked-out commit, with `+dirty` when the package has uncommitted changes."""
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "elasticlora")
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
 def run_key(task: str, steps: int, arm: str, lr: float, seed: int) -> str:
@@ -111,11 +124,12 @@ class Study:
         )  # fmt: skip
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
-        plain = arm.startswith("lora")
+        entry["commit"] = commit()
+        plain = arm.split(":", 1)[-1].startswith("lora")
         entry.update(self.curves(model, [config.r] if plain else self.ranks))
-        if arm == "lora":  # a truncation keeps the top singular directions: SVD truncation
+        if arm.split(":", 1)[-1] == "lora":  # a truncation keeps the top singular directions: SVD truncation
             entry["svd"] = self.curves(model, self.ranks)
-        for tolerance in self.args.shrink if arm == "lora" or not plain else []:
+        for tolerance in self.args.shrink if "svd" in entry or not plain else []:
             result = shrink(model, self.splits["dev"], tolerance=tolerance, autocast_dtype=self.dtype, progress=False)
             with at_ranks(model, result.ranks):
                 test = eval_loss(model, self.splits["test"], autocast_dtype=self.dtype)
