@@ -11,7 +11,9 @@ components, and every layer reads its own slice of them (a view: no kernel of it
 - gradient checkpointing, which re-runs blocks during the backward pass but not the outermost module, finds the
   table of the pass it recomputes. When several passes run before one backward, a hook on each pass's outputs puts
   that pass's table back as soon as the backward pass reaches them, before any of its blocks are recomputed;
-- the draws are a pure function of (torch's initial seed, the process rank, the number of passes so far): runs are
+- consecutive draws are spread evenly over the rank distribution (a low-discrepancy sequence, see `_draw`), so every
+  pass and micro-batch holds each rank in close to its share;
+- the draws are a pure function of (torch's initial seed, the process rank, the draws so far): runs are
   reproducible, and data-parallel processes draw independently.
 
 Which module is outermost is read from the Python call stack: when a layer is built, the outermost module whose
@@ -35,6 +37,7 @@ import torch
 import torch.nn as nn
 
 _MASK64 = (1 << 64) - 1
+_INV_GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def _splitmix64(x: int) -> int:
@@ -93,6 +96,7 @@ class RankSampler:
         self.shared_prob = shared_prob
         self.per_example = per_example
         self.passes = 0  # forward passes whose draws were made
+        self.draws = 0  # draws made (rows of every pass's table)
         self._ranks: list[int] = []  # the maximum rank of each registered layer
         self._pass: _Pass | None = None  # the current pass's draws
         self._last: _Pass | None = None  # the last pass drawn
@@ -154,14 +158,20 @@ class RankSampler:
         self._pass = current
 
     def _draw(self, n_draws: int) -> torch.Tensor:
-        """(n_draws, layers) ranks: rank r with probability `full_rank_prob`, else from the sampler's support."""
-        seed = torch.initial_seed()
-        for part in (_process_rank(), self.passes):
-            seed = _splitmix64(seed ^ part)
+        """(n_draws, layers) ranks: rank r with probability `full_rank_prob`, else from the sampler's support.
+
+        The shared quantile of the t-th draw of the run is `frac(u0 + t / golden ratio)` (a Weyl sequence with a
+        random start `u0`), not an independent uniform: any run of consecutive draws, a pass, a micro-batch or a
+        window of steps, then holds each rank in close to its share (at the defaults, 16 draws hold 8 to 10 full
+        ranks, standard deviation 0.5, where independent draws give 2.0), so the training signal per rank varies
+        less from step to step. Per-layer draws (`shared_draw_prob < 1`) stay independent."""
+        base = _splitmix64(torch.initial_seed() ^ _process_rank())
+        generator = torch.Generator().manual_seed(_splitmix64(base ^ self.passes) & ((1 << 63) - 1))
         self.passes += 1
-        generator = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
         n_layers = len(self._ranks)
-        u = torch.rand(n_draws, 1, generator=generator, dtype=torch.float64).expand(n_draws, n_layers)
+        t = torch.arange(self.draws, self.draws + n_draws, dtype=torch.float64)
+        self.draws += n_draws
+        u = ((base / 2.0**64 + t * _INV_GOLDEN) % 1.0)[:, None].expand(n_draws, n_layers)
         if self.shared_prob < 1.0:
             own = torch.rand(n_draws, n_layers, generator=generator, dtype=torch.float64)
             shared = torch.rand(n_draws, 1, generator=generator, dtype=torch.float64) < self.shared_prob  # per example
@@ -200,7 +210,7 @@ class RankSampler:
     def __deepcopy__(self, memo) -> RankSampler:
         """A copy with the same settings and layers, hooked to no module yet (a copied model's hooks call it)."""
         copy = RankSampler(self.rank_sampler, self.min_rank, self.full_rank_prob, self.shared_prob, self.per_example)
-        copy._ranks, copy.passes = list(self._ranks), self.passes
+        copy._ranks, copy.passes, copy.draws = list(self._ranks), self.passes, self.draws
         memo[id(self)] = copy
         return copy
 
