@@ -85,8 +85,8 @@ class BasisCache:
                 factors[k] = (m[:k] @ weight_a.float(), weight_b.float() @ n[:, :k])
         return factors[k]
 
-    def training(self, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:
-        """fp32 (M, N) for a training forward: recomputed every `refresh_steps` optimizer steps."""
+    def training(self, weight_a: torch.Tensor, weight_b: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """(M, N) in `dtype` for a training forward: recomputed every `refresh_steps` optimizer steps."""
         key = _factor_key(weight_a, weight_b)
         cached = self._training
         if cached is None or cached["key"] != key:
@@ -96,4 +96,6 @@ class BasisCache:
                 cached["age"] += 1
             cached["key"] = key
             self._training = cached
-        return cached["basis"]
+        if cached.get("dtype") != dtype:
+            cached.update(dtype=dtype, cast=tuple(t.to(dtype) for t in cached["basis"]))
+        return cached["cast"]

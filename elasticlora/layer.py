@@ -5,15 +5,13 @@ transformers `Conv1D`, bitsandbytes `Linear8bitLt`/`Linear4bit`, see `dispatch.p
 `ElasticVariant`, so PEFT's forward, merge and mixed-batch code paths call into the variant. With the layer's
 singular basis `B A = (B N)(M A)` (`basis.py`) and an input `x` of shape (B, ..., in):
 
-    h = (M A) x                                          # (B, ..., r)
-    y = W0 x + scaling * (B N) (keep * h)                 # keep[b, j] = 1 if j < k_b else 0
+    h = A x                                              # (B, ..., r)
+    y = W0 x + scaling * B (h - N (drop * (M h)))         # drop[b, j] = 1 if j >= k_b else 0
 
-in training, with the rank `k_b` of example b drawn once per forward pass for every layer (`sampler.py`), and the
-gradient flowing to A and B through the products `M A` and `B N`: a full-rank row is a plain LoRA step (to rounding,
-as `N M = I`; exactly, with `B A x`, when the whole pass runs the layer at full rank), and a truncated row still
-trains every component of A and B, through the top `k_b` singular directions of the update. At a fixed rank k
-(eval, shrink, export) the layer computes `scaling * (B N[:, :k]) (M[:k] A) x`, the best rank-k approximation of
-the update, which is what export writes.
+in training, with the rank `k_b` of example b drawn once per forward pass for every layer (`sampler.py`): full-rank
+rows are exactly `B h`, a plain LoRA step, and a truncated row still trains every component of A and B, through the
+top `k_b` singular directions of the current update. At a fixed rank k (eval, shrink, export) the layer computes
+`scaling * (B N[:, :k]) (M[:k] A) x`, the best rank-k approximation of the update, which is what export writes.
 """
 
 from __future__ import annotations
@@ -76,19 +74,6 @@ def elastic_delta_weight(module: LoraLayer, adapter: str, rank: int | None = Non
     return transpose(delta.to(weight_b.dtype), module.fan_in_fan_out)
 
 
-def _singular_factors(
-    state: ElasticState, weight_a: torch.Tensor, weight_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(M A, B N)`, the factors in the training basis, with gradient to A and B, computed in fp32 (under autocast
-    too) and returned in the factors' dtype: `(B N)(M A) = B A`, and keeping the leading k components of the rank
-    activations `(M A) x` truncates the update to rank k. Two (r, r) x (r, in + out) products per call, instead of
-    two (tokens, r) x (r, r) ones on the activations."""
-    m, n = state.basis.training(weight_a, weight_b)
-    with torch.autocast(weight_a.device.type, enabled=False):
-        factor_a, factor_b = m @ weight_a.float(), weight_b.float() @ n
-    return factor_a.to(weight_a.dtype), factor_b.to(weight_b.dtype)
-
-
 class ElasticVariant(LoraVariant):
     """The LoRA variant behind every elastic layer: drawn truncations in training, a fixed rank otherwise."""
 
@@ -137,12 +122,12 @@ class ElasticVariant(LoraVariant):
         # PEFT's layer has already cast x where it casts for vanilla LoRA (not under autocast for bitsandbytes)
         k = _effective_rank(state, state.rank)
         if state.rank is None and module.training and state.samples:
-            x = dropout(x)
-            if state.sampler.full_rank(state.column, x):  # every row at full rank: a plain LoRA step
-                return result + lora_b(lora_a(x)) * scaling
-            factor_a, factor_b = _singular_factors(state, lora_a.weight, lora_b.weight)
-            h = F.linear(x, factor_a)  # (B, ..., r), in the singular basis
-            return result + F.linear(h * state.sampler.keep_mask(state.column, h), factor_b) * scaling
+            h = lora_a(dropout(x))  # (B, ..., r)
+            drop = state.sampler.drop_mask(state.column, h)  # (B or 1, 1, ..., r)
+            if drop is None:  # every row at full rank: a plain LoRA step
+                return result + lora_b(h) * scaling
+            m, n = state.basis.training(lora_a.weight, lora_b.weight, h.dtype)
+            return result + lora_b(h - F.linear(F.linear(h, m) * drop, n)) * scaling
         if k == state.r:  # through the lora_A module, whose output hook `sensitivity` reads
             return result + lora_b(lora_a(dropout(x))) * scaling
         if k == 0:

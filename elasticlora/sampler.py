@@ -3,7 +3,7 @@
 One `RankSampler` serves every layer of an elastic adapter (it lives on the adapter's `ElasticLoraConfig`). When the
 model's outermost module starts a forward pass, the sampler forgets the last draws; the first elastic layer that
 runs in training mode then makes them for the whole pass, on the host, as a (draws, layers) table of ranks; on
-each device and dtype in use, one copy and one comparison turn it into the (draws, layers, r) masks of the kept
+each device and dtype in use, one copy and one comparison turn it into the (draws, layers, r) masks of the dropped
 components, and every layer reads its own slice of them (a view: no kernel of its own). So:
 
 - each example runs at one rank in every layer (with probability `shared_draw_prob`; otherwise each layer draws its
@@ -186,26 +186,18 @@ class RankSampler:
             table[:, columns] = torch.tensor(list(probs))[index]
         return table
 
-    def _current(self, rows: torch.Tensor) -> _Pass:
+    def drop_mask(self, column: int, h: torch.Tensor) -> torch.Tensor | None:
+        """Mask of one layer's dropped components in the current pass (1: dropped), shaped to broadcast over its rank
+        activations `h` (B, ..., r): (B, 1, ..., r), or (1, 1, ..., r) when the rows of `h` are not the pass's
+        examples; None when the layer runs at full rank for every row."""
         if self._pass is None:
             if not self._roots:  # the module hooked when the layers were built is gone
                 root = _outermost_module("forward")
                 if root is not None:
                     self.attach(root)
-            n_draws = rows.shape[0] if self.per_example and rows.dim() > 1 else 1
+            n_draws = h.shape[0] if self.per_example and h.dim() > 1 else 1
             self._pass = self._last = _Pass(self._draw(n_draws), self._ranks)
-        return self._pass
-
-    def full_rank(self, column: int, x: torch.Tensor) -> bool:
-        """Whether one layer runs at full rank for every row of its input `x` (B, ..., in) in the current pass (the
-        first call of a pass draws it)."""
-        return self._current(x).full[column]
-
-    def keep_mask(self, column: int, h: torch.Tensor) -> torch.Tensor:
-        """Mask of one layer's kept components in the current pass (1: kept), shaped to broadcast over its rank
-        activations `h` (B, ..., r): (B, 1, ..., r), or (1, 1, ..., r) when the rows of `h` are not the pass's
-        examples."""
-        return self._current(h).keep_mask(column, h, self._ranks[column])
+        return self._pass.drop_mask(column, h, self._ranks[column])
 
     def __deepcopy__(self, memo) -> RankSampler:
         """A copy with the same settings and layers, hooked to no module yet (a copied model's hooks call it)."""
@@ -229,12 +221,14 @@ class _Pass:
         self.r_max = max(max_ranks)
         self.masks: dict[tuple, torch.Tensor] = {}
 
-    def keep_mask(self, column: int, h: torch.Tensor, r: int) -> torch.Tensor:
+    def drop_mask(self, column: int, h: torch.Tensor, r: int) -> torch.Tensor | None:
+        if self.full[column]:
+            return None
         key = (h.device, h.dtype, h.dim())
-        if key not in self.masks:  # (draws, layers, 1, ..., r_max): component j is kept when j < the rank
+        if key not in self.masks:  # (draws, layers, 1, ..., r_max): component j is dropped when j >= the rank
             table = self.table.to(h.device, non_blocking=True)
-            kept = (torch.arange(self.r_max, device=h.device) < table[:, :, None]).to(h.dtype)
-            self.masks[key] = kept[(slice(None), slice(None)) + (None,) * max(h.dim() - 2, 0)]
+            dropped = (torch.arange(self.r_max, device=h.device) >= table[:, :, None]).to(h.dtype)
+            self.masks[key] = dropped[(slice(None), slice(None)) + (None,) * max(h.dim() - 2, 0)]
         mask = self.masks[key][:, column, ..., :r]
         if h.dim() == 1:
             return mask[0]

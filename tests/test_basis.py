@@ -56,7 +56,7 @@ def test_full_rank_is_plain_peft_lora(tmp_path, input_ids):
 
 
 def test_each_example_trains_its_own_drawn_rank():
-    """In training mode example b sees the adapter truncated to its drawn rank, full-rank rows the whole adapter."""
+    """In training mode example b sees the adapter truncated to its drawn rank; full-rank rows are plain LoRA."""
     layer = elastic_layers(svd_model(full_rank_prob=0.3))[Q_PROJ]
     x = torch.randn(32, 5, layer.in_features)
     layer.train()
@@ -67,7 +67,7 @@ def test_each_example_trains_its_own_drawn_rank():
     for b, k in enumerate(ks):
         layer.set_elastic_rank(k, "default")
         expected = layer(x[b : b + 1])[0]
-        assert torch.allclose(y[b], expected, atol=1e-5)  # (B N)(M A) against B A, one row against a batch: rounding
+        assert torch.allclose(y[b], expected, atol=1e-6 if k == 8 else 1e-5)  # one row or a batch: BLAS rounding
     layer.set_elastic_rank(None, "default")
 
 
@@ -136,24 +136,17 @@ def test_basis_follows_the_optimizer(input_ids):
 
 
 def test_the_basis_is_fp32_under_bf16_autocast():
-    """Autocast must not reach the basis: in bf16, `N M` would be the identity to 1e-2 only, and a full-rank row in a
-    mixed batch, `(B N)(M A) x`, would no longer be a LoRA step."""
-    layer = elastic_layers(svd_model(full_rank_prob=0.5, lora_dropout=0.0))[Q_PROJ]
+    """Autocast must not reach the basis: from bf16 Gram matrices `N M` is the identity to 1e-2 only, and the rank-k
+    truncations would not be the best rank-k ones."""
+    layer = elastic_layers(svd_model())[Q_PROJ]
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    x = torch.randn(16, 3, layer.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m, n = svd_basis(a, b)
-        factor_a, factor_b = prefix_factors(layer, "default", 4)
-        layer.train()
-        y = layer(x)
+        factor_a, factor_b = prefix_factors(layer, "default", 2)
     assert {m.dtype, n.dtype, factor_a.dtype, factor_b.dtype} == {torch.float32}
     assert torch.allclose(n @ m, torch.eye(8), atol=1e-5)
-    ks = layer.drawn_ranks().tolist()
-    assert 8 in ks and len(set(ks)) > 1
-    with torch.no_grad():
-        full = [i for i, k in enumerate(ks) if k == 8]
-        expected = layer.base_layer(x[full]) + (x[full] @ a.T @ b.T) * layer.scaling["default"]
-        assert torch.allclose(y[full].float(), expected, atol=0.05, rtol=0.02)  # bf16 activations, fp32 factors
+    delta = (b @ a).detach()
+    assert torch.allclose(factor_b @ factor_a, best_rank_k(delta, 2), atol=1e-5)
 
 
 def test_training_recomputes_the_basis_every_basis_refresh_steps_optimizer_steps():
