@@ -20,15 +20,7 @@ RANK_SAMPLERS = ("log2", "uniform", "none")
 DRAW_UNITS = ("example", "batch")
 
 # Fields that exist only on ElasticLoraConfig; their presence in adapter_config.json marks an elastic adapter.
-ELASTIC_FIELDS = (
-    "rank_sampler",
-    "min_rank",
-    "full_rank_prob",
-    "shared_draw_prob",
-    "draw_per",
-    "basis_refresh_steps",
-    "distill_fraction",
-)
+ELASTIC_FIELDS = ("rank_sampler", "min_rank", "full_rank_prob", "shared_draw_prob", "draw_per", "basis_refresh_steps")
 
 
 @dataclass
@@ -120,19 +112,6 @@ class ElasticLoraConfig(LoraConfig):
         },
     )
 
-    distill_fraction: float = field(
-        default=0.0,
-        metadata={
-            "help": (
-                "In-place distillation (distill.py): above 0, every example trains the full rank on its labels, and "
-                "this fraction of each batch runs again at drawn truncations, learning the full rank's detached "
-                "output distribution, at ranks drawn uniformly from the sampler's truncations (about this fraction "
-                "more compute per step; full_rank_prob is then unused). 0: one pass, each example at its drawn rank "
-                "on its labels."
-            )
-        },
-    )
-
     def __post_init__(self):
         super().__post_init__()
         self._validate_elastic_fields()
@@ -155,7 +134,7 @@ class ElasticLoraConfig(LoraConfig):
             raise ValueError(f"`basis_refresh_steps` must be a positive int, got {self.basis_refresh_steps!r}")
         if self.min_rank > self.r:
             raise ValueError(f"`min_rank` ({self.min_rank}) must not exceed the maximum rank `r` ({self.r})")
-        for name in ("full_rank_prob", "shared_draw_prob", "distill_fraction"):
+        for name in ("full_rank_prob", "shared_draw_prob"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
                 raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")

@@ -36,8 +36,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from .distill import distillation_loss, student_inputs
-
 _MASK64 = (1 << 64) - 1
 _INV_GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -91,22 +89,12 @@ def _tensors(output) -> Iterator[torch.Tensor]:
 class RankSampler:
     """Draws each training forward pass's truncation ranks for every layer registered with it."""
 
-    def __init__(
-        self,
-        rank_sampler: str,
-        min_rank: int,
-        full_rank_prob: float,
-        shared_prob: float,
-        per_example: bool,
-        distill_fraction: float = 0.0,
-    ):
+    def __init__(self, rank_sampler: str, min_rank: int, full_rank_prob: float, shared_prob: float, per_example: bool):
         self.rank_sampler = rank_sampler
         self.min_rank = min_rank
         self.full_rank_prob = full_rank_prob
         self.shared_prob = shared_prob
         self.per_example = per_example
-        self.distill_fraction = distill_fraction
-        self._student = False  # inside the distillation pass (distill.py)
         self.passes = 0  # forward passes whose draws were made
         self.draws = 0  # draws made (rows of every pass's table)
         self._ranks: list[int] = []  # the maximum rank of each registered layer
@@ -122,7 +110,6 @@ class RankSampler:
             config.full_rank_prob,
             config.shared_draw_prob,
             config.draw_per == "example",
-            config.distill_fraction,
         )
 
     def register(self, r: int) -> int:
@@ -138,11 +125,8 @@ class RankSampler:
         return len(rank_support(r, self.rank_sampler, self.min_rank)) > 1
 
     def probabilities(self, r: int) -> dict[int, float]:
-        """The probability of each rank a draw gives a layer of rank `r` (in a distillation pass: the truncations,
-        uniformly)."""
+        """The probability of each rank a draw gives a layer of rank `r`."""
         support = rank_support(r, self.rank_sampler, self.min_rank)
-        if self._student and len(support) > 1:
-            return dict.fromkeys(support[:-1], 1.0 / (len(support) - 1))
         probs = dict.fromkeys(support, (1.0 - self.full_rank_prob) / len(support))
         probs[r] += self.full_rank_prob
         return probs
@@ -153,7 +137,7 @@ class RankSampler:
             return
         self._roots.add(root)
         root.register_forward_pre_hook(self._begin)
-        root.register_forward_hook(self._end, with_kwargs=True)
+        root.register_forward_hook(self._end)
 
     def new_pass(self) -> None:
         """Forget the current draws: the next training layer call draws for a new pass."""
@@ -162,40 +146,13 @@ class RankSampler:
     def _begin(self, module: nn.Module, args) -> None:
         self.new_pass()
 
-    def _end(self, module: nn.Module, args, kwargs, output) -> None:
+    def _end(self, module: nn.Module, args, output) -> None:
         current = self._pass
         if current is None or not torch.is_grad_enabled():
             return
-        if self.distill_fraction > 0 and not self._student:
-            self._distill(module, args, kwargs, output)
         for tensor in _tensors(output):
             if tensor.requires_grad:
                 tensor.register_hook(lambda grad, current=current: self._restore(current))
-
-    def _distill(self, module: nn.Module, args, kwargs, output) -> None:
-        """Re-run a slice of the batch at drawn truncations; add their distillation loss to the output's loss."""
-        logits = output.get("logits") if isinstance(output, dict) else None
-        if logits is None or output.get("loss") is None or logits.dim() != 3:
-            return
-        batch = logits.shape[0]
-        n_rows = max(1, round(self.distill_fraction * batch))
-        generator = torch.Generator().manual_seed(_splitmix64(self.draws) & ((1 << 63) - 1))
-        rows = torch.randperm(batch, generator=generator)[:n_rows].sort().values
-        student_args, student_kwargs = student_inputs(args, kwargs, rows, batch)
-        self._student = True
-        try:
-            student = module(*student_args, **student_kwargs)
-        finally:
-            self._student = False
-        labels = kwargs.get("labels")
-        mask = kwargs.get("attention_mask")
-        loss = distillation_loss(
-            logits.index_select(0, rows.to(logits.device)),
-            student["logits"],
-            None if labels is None else labels.index_select(0, rows.to(labels.device)),
-            None if mask is None else mask.index_select(0, rows.to(mask.device)),
-        )
-        output["loss"] = output["loss"] + loss
 
     def _restore(self, current: _Pass) -> None:
         self._pass = current
@@ -221,8 +178,6 @@ class RankSampler:
             u = torch.where(shared, u, own)
         table = torch.empty(n_draws, n_layers, dtype=torch.int64)
         ranks = torch.tensor(self._ranks)  # (layers,)
-        if self.distill_fraction > 0 and not self._student:  # the labels' pass of in-place distillation
-            return table.copy_(ranks.expand(n_draws, n_layers))
         for r in set(self._ranks):  # one inverse CDF per distinct maximum rank
             probs = self.probabilities(r)
             cdf = torch.tensor(list(probs.values()), dtype=torch.float64).cumsum(0)
@@ -246,14 +201,7 @@ class RankSampler:
 
     def __deepcopy__(self, memo) -> RankSampler:
         """A copy with the same settings and layers, hooked to no module yet (a copied model's hooks call it)."""
-        copy = RankSampler(
-            self.rank_sampler,
-            self.min_rank,
-            self.full_rank_prob,
-            self.shared_prob,
-            self.per_example,
-            self.distill_fraction,
-        )
+        copy = RankSampler(self.rank_sampler, self.min_rank, self.full_rank_prob, self.shared_prob, self.per_example)
         copy._ranks, copy.passes, copy.draws = list(self._ranks), self.passes, self.draws
         memo[id(self)] = copy
         return copy
