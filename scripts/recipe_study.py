@@ -125,11 +125,12 @@ class Study:
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
         entry["commit"] = commit()
-        plain = arm.split(":", 1)[-1].startswith("lora")
+        spec = arm.split(":", 1)[-1]
+        plain = spec.startswith("lora")
         entry.update(self.curves(model, [config.r] if plain else self.ranks))
-        if arm.split(":", 1)[-1] == "lora":  # a truncation keeps the top singular directions: SVD truncation
+        if spec == "lora":  # a truncation keeps the top singular directions: SVD truncation
             entry["svd"] = self.curves(model, self.ranks)
-        for tolerance in self.args.shrink if "svd" in entry or not plain else []:
+        for tolerance in self.args.shrink if spec == "lora" or not plain else []:
             result = shrink(model, self.splits["dev"], tolerance=tolerance, autocast_dtype=self.dtype, progress=False)
             with at_ranks(model, result.ranks):
                 test = eval_loss(model, self.splits["test"], autocast_dtype=self.dtype)
