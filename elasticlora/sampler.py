@@ -166,16 +166,16 @@ class RankSampler:
         ranks, standard deviation 0.5, where independent draws give 2.0), so the training signal per rank varies
         less from step to step. Per-layer draws (`shared_draw_prob < 1`) stay independent."""
         base = _splitmix64(torch.initial_seed() ^ _process_rank())
-        generator = torch.Generator().manual_seed(_splitmix64(base ^ self.passes) & ((1 << 63) - 1))
-        self.passes += 1
         n_layers = len(self._ranks)
         t = torch.arange(self.draws, self.draws + n_draws, dtype=torch.float64)
-        self.draws += n_draws
         u = ((base / 2.0**64 + t * _INV_GOLDEN) % 1.0)[:, None].expand(n_draws, n_layers)
-        if self.shared_prob < 1.0:
+        if self.shared_prob < 1.0:  # the independent part: one generator per pass
+            generator = torch.Generator().manual_seed(_splitmix64(base ^ self.passes) & ((1 << 63) - 1))
             own = torch.rand(n_draws, n_layers, generator=generator, dtype=torch.float64)
             shared = torch.rand(n_draws, 1, generator=generator, dtype=torch.float64) < self.shared_prob  # per example
             u = torch.where(shared, u, own)
+        self.passes += 1
+        self.draws += n_draws
         table = torch.empty(n_draws, n_layers, dtype=torch.int64)
         ranks = torch.tensor(self._ranks)  # (layers,)
         for r in set(self._ranks):  # one inverse CDF per distinct maximum rank
