@@ -24,9 +24,13 @@ resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
+import itertools
 import json
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -52,9 +56,21 @@ TASKS = {
 }
 
 
+TRAIN_MODES = ("split+", "project+")  # experiment: two passes per step, full-rank rows and truncated rows
+
+
+def train_mode(arm: str) -> tuple[str | None, str]:
+    """(`split`, `project` or None, the config spec) of an arm."""
+    spec = arm.split(":", 1)[-1]
+    for mode in TRAIN_MODES:
+        if spec.startswith(mode):
+            return mode[:-1], spec[len(mode) :]
+    return None, spec
+
+
 def arm_config(spec: str, max_rank: int) -> ElasticLoraConfig:
     """The config an arm spec names (see the module docstring)."""
-    spec = spec.split(":", 1)[-1]
+    spec = train_mode(spec)[1]
     if spec == "lora" or spec.startswith("lora@"):
         r = max_rank if spec == "lora" else int(spec[5:])
         return ElasticLoraConfig(r=r, rank_sampler="none")
@@ -72,6 +88,66 @@ def parse_arm(spec: str) -> dict:
             raise SystemExit(f"bad arm item {item!r}: expected FIELD=VALUE with an ElasticLoraConfig field")
         kwargs[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     return kwargs
+
+
+def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress, warmup_steps, project):
+    """`train_steps` with each batch's full-rank rows and truncated rows in two passes, their gradients summed
+    (`project`: after removing from the truncated rows' gradient of each tensor its component against the full-rank
+    rows' gradient, so truncations never oppose full rank's descent, as A-GEM / PCGrad do). Each pass's loss is
+    weighted by its share of the batch's label tokens, so without `project` the step is the one-pass step.
+    Returns (losses, conflict statistics: per logged step, the share of tensors in conflict and their mean cosine)."""
+    torch.manual_seed(seed)
+    order = list(range(len(batches)))
+    random.Random(seed).shuffle(order)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)) * max(0.0, 1.0 - step / steps)
+    )
+    sampler = next(m.elastic_state["default"].sampler for m in model.modules() if hasattr(m, "elastic_state"))
+    r_max = torch.tensor(sampler._ranks)
+    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    model.train()
+    losses, conflict = [], []
+    for step, index in enumerate(itertools.islice(itertools.cycle(order), steps)):
+        batch = batches[index]
+        table = sampler._draw(batch["input_ids"].shape[0])  # this step's draws, as the one-pass loop makes them
+        full = (table == r_max).all(1)
+        tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
+        grads, loss_sum = [], 0.0
+        for rows in (full.nonzero()[:, 0], (~full).nonzero()[:, 0]):
+            if len(rows) == 0:
+                grads.append([torch.zeros_like(p) for p in params])
+                continue
+            sampler._draw = lambda n, sub=table[rows]: sub  # the pass takes its rows' draws
+            with autocast:
+                loss = model(**{k: v[rows] for k, v in batch.items()}).loss
+            weight = float(tokens[rows].sum() / tokens.sum())
+            (loss * weight).backward()
+            loss_sum += loss.item() * weight
+            grads.append([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            optimizer.zero_grad(set_to_none=True)
+            del sampler._draw
+        cosines = []
+        for p, g_full, g_trunc in zip(params, *grads):
+            dot = (g_full * g_trunc).sum()
+            norms = g_full.norm() * g_trunc.norm()
+            cosines.append(float(dot / norms) if norms > 0 else 0.0)
+            if project and dot < 0:
+                g_trunc = g_trunc - dot / g_full.square().sum() * g_full
+            p.grad = g_full + g_trunc
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss_sum)
+        if step % 10 == 0 or step == steps - 1:
+            negative = [c for c in cosines if c < 0]
+            conflict.append({
+                "step": step, "share": len(negative) / len(cosines), "mean_cos": sum(cosines) / len(cosines),
+                "mean_negative_cos": sum(negative) / max(1, len(negative)),
+            })  # fmt: skip
+    model.eval()
+    return losses, conflict
 
 
 def commit() -> str:
@@ -118,11 +194,15 @@ class Study:
         torch.manual_seed(seed)  # the adapter's initialisation too
         model = get_peft_model(copy.deepcopy(self.base), config)
         start = time.time()
-        losses = train_steps(
+        mode = train_mode(arm)[0]
+        train = train_steps if mode is None else functools.partial(train_steps_split, project=mode == "project")
+        losses = train(
             model, self.train, steps, lr, seed=seed, autocast_dtype=self.dtype, progress=False,
             warmup_steps=max(1, steps // 20),
         )  # fmt: skip
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
+        if mode is not None:
+            losses, entry["conflict"] = losses
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
         entry["commit"] = commit()
         spec = arm.split(":", 1)[-1]
