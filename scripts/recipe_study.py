@@ -56,11 +56,11 @@ TASKS = {
 }
 
 
-TRAIN_MODES = ("split+", "project+")  # experiment: two passes per step, full-rank rows and truncated rows
+TRAIN_MODES = ("split+", "project+", "halves+")  # experiment: two passes per step, full-rank rows and truncated rows
 
 
 def train_mode(arm: str) -> tuple[str | None, str]:
-    """(`split`, `project` or None, the config spec) of an arm."""
+    """(`split`, `project`, `halves` or None, the config spec) of an arm."""
     spec = arm.split(":", 1)[-1]
     for mode in TRAIN_MODES:
         if spec.startswith(mode):
@@ -90,11 +90,12 @@ def parse_arm(spec: str) -> dict:
     return kwargs
 
 
-def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress, warmup_steps, project):
+def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress, warmup_steps, mode):
     """`train_steps` with each batch's full-rank rows and truncated rows in two passes, their gradients summed
     (`project`: after removing from the truncated rows' gradient of each tensor its component against the full-rank
     rows' gradient, so truncations never oppose full rank's descent, as A-GEM / PCGrad do). Each pass's loss is
-    weighted by its share of the batch's label tokens, so without `project` the step is the one-pass step.
+    weighted by its share of the batch's label tokens, so without `project` the step is the one-pass step. `halves`
+    (the control for the statistics) runs the same two groups both at full rank: a plain LoRA step.
     Returns (losses, conflict statistics: per logged step, the share of tensors in conflict and their mean cosine)."""
     torch.manual_seed(seed)
     order = list(range(len(batches)))
@@ -113,6 +114,8 @@ def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress,
         batch = batches[index]
         table = sampler._draw(batch["input_ids"].shape[0])  # this step's draws, as the one-pass loop makes them
         full = (table == r_max).all(1)
+        if mode == "halves":
+            table = r_max.expand_as(table)
         tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
         grads, loss_sum = [], 0.0
         for rows in (full.nonzero()[:, 0], (~full).nonzero()[:, 0]):
@@ -133,7 +136,7 @@ def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress,
             dot = (g_full * g_trunc).sum()
             norms = g_full.norm() * g_trunc.norm()
             cosines.append(float(dot / norms) if norms > 0 else 0.0)
-            if project and dot < 0:
+            if mode == "project" and dot < 0:
                 g_trunc = g_trunc - dot / g_full.square().sum() * g_full
             p.grad = g_full + g_trunc
         optimizer.step()
@@ -195,7 +198,7 @@ class Study:
         model = get_peft_model(copy.deepcopy(self.base), config)
         start = time.time()
         mode = train_mode(arm)[0]
-        train = train_steps if mode is None else functools.partial(train_steps_split, project=mode == "project")
+        train = train_steps if mode is None else functools.partial(train_steps_split, mode=mode)
         losses = train(
             model, self.train, steps, lr, seed=seed, autocast_dtype=self.dtype, progress=False,
             warmup_steps=max(1, steps // 20),
