@@ -56,11 +56,13 @@ TASKS = {
 }
 
 
-TRAIN_MODES = ("split+", "project+", "halves+")  # experiment: two passes per step, full-rank rows and truncated rows
+# experiments: split+/project+/halves+ train full-rank and truncated rows in two passes per step (`train_steps_split`);
+# ramp+ grows the share of truncated draws linearly from 0 to the config's over the whole run (`ramp_truncations`)
+TRAIN_MODES = ("split+", "project+", "halves+", "ramp+")
 
 
 def train_mode(arm: str) -> tuple[str | None, str]:
-    """(`split`, `project`, `halves` or None, the config spec) of an arm."""
+    """(`split`, `project`, `halves`, `ramp` or None, the config spec) of an arm."""
     spec = arm.split(":", 1)[-1]
     for mode in TRAIN_MODES:
         if spec.startswith(mode):
@@ -153,6 +155,20 @@ def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress,
     return losses, conflict
 
 
+def ramp_truncations(model, total_draws: int) -> None:
+    """Progressive shrinking (OFA): each truncated rank's probability is the config's times the share of the run
+    done (draws made / `total_draws`), so training starts as plain LoRA and ends at the config's distribution."""
+    sampler = next(m.elastic_state["default"].sampler for m in model.modules() if hasattr(m, "elastic_state"))
+    configured = sampler.probabilities
+
+    def probabilities(r: int) -> dict[int, float]:
+        scale = min(1.0, sampler.draws / total_draws)
+        probs = {k: p * scale for k, p in configured(r).items() if k != r}
+        return {**probs, r: 1.0 - sum(probs.values())}
+
+    sampler.probabilities = probabilities
+
+
 def commit() -> str:
     """The checked-out commit, with `+dirty` when the package has uncommitted changes."""
 
@@ -198,7 +214,9 @@ class Study:
         model = get_peft_model(copy.deepcopy(self.base), config)
         start = time.time()
         mode = train_mode(arm)[0]
-        train = train_steps if mode is None else functools.partial(train_steps_split, mode=mode)
+        if mode == "ramp":
+            ramp_truncations(model, steps * self.args.batch_size)
+        train = train_steps if mode in (None, "ramp") else functools.partial(train_steps_split, mode=mode)
         losses = train(
             model, self.train, steps, lr, seed=seed, autocast_dtype=self.dtype, progress=False,
             warmup_steps=max(1, steps // 20),
