@@ -222,7 +222,7 @@ class Study:
             warmup_steps=max(1, steps // 20),
         )  # fmt: skip
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
-        if mode is not None:
+        if mode not in (None, "ramp"):
             losses, entry["conflict"] = losses
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
         entry["commit"] = commit()
