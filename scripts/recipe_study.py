@@ -10,7 +10,9 @@ split (for reporting):
 An arm is `lora` (plain LoRA at --max-rank, rsLoRA alpha 16: its SVD truncations are recorded too), `lora@K` (plain
 LoRA trained at rank K, the grid), `default` (ElasticLoraConfig() at --max-rank) or comma-separated
 ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`), optionally named `NAME:SPEC` (to tell one
-spec apart across code versions: `rotated:default`; each run records its commit); arms recorded with fields retired
+spec apart across code versions: `rotated:default`; each run records its commit). A spec may start with an
+experimental training mode: `split+`, `halves+`, `project+` (two passes per step, see `train_steps_split`) or
+`ramp+` (progressive shrinking, see `ramp_truncations`), e.g. `project+default`. Arms recorded with fields retired
 since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun at commit d6061fc. Every (task, steps,
 arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already there are skipped, so a cut-off study
 resumes where it stopped.
@@ -42,7 +44,7 @@ from peft import get_peft_model
 
 from elasticlora import ElasticLoraConfig, at_ranks
 from elasticlora.data import eval_batches, load_rows
-from elasticlora.evaluate import eval_loss
+from elasticlora.evaluate import eval_loss, model_device
 from elasticlora.loading import load_model_and_tokenizer
 from elasticlora.shrink import shrink
 
@@ -109,13 +111,14 @@ def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress,
     )
     sampler = next(m.elastic_state["default"].sampler for m in model.modules() if hasattr(m, "elastic_state"))
     r_max = torch.tensor(sampler._ranks)
-    autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    device = model_device(model)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     model.train()
     losses, conflict = [], []
     for step, index in enumerate(itertools.islice(itertools.cycle(order), steps)):
-        batch = batches[index]
+        batch = {k: v.to(device) for k, v in batches[index].items()}
         table = sampler._draw(batch["input_ids"].shape[0])  # this step's draws, as the one-pass loop makes them
-        full = (table == r_max).all(1)
+        full = (table == r_max).all(1)  # on the host, like the table; it indexes device tensors too
         if mode == "halves":
             table = r_max.expand_as(table)
         tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
