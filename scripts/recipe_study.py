@@ -46,6 +46,7 @@ from elasticlora import ElasticLoraConfig, at_ranks
 from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss, model_device
 from elasticlora.loading import load_model_and_tokenizer
+from elasticlora.sampler import RankSampler
 from elasticlora.shrink import shrink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,11 @@ def parse_arm(spec: str) -> dict:
     return kwargs
 
 
+def model_sampler(model) -> RankSampler:
+    """The `RankSampler` the elastic layers of `model` share (the one their training passes draw from)."""
+    return next(m.elastic_state["default"].sampler for m in model.modules() if hasattr(m, "elastic_state"))
+
+
 def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress, warmup_steps, mode):
     """`train_steps` with each batch's full-rank rows and truncated rows in two passes, their gradients summed
     (`project`: after removing from the truncated rows' gradient of each tensor its component against the full-rank
@@ -109,7 +115,7 @@ def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress,
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)) * max(0.0, 1.0 - step / steps)
     )
-    sampler = next(m.elastic_state["default"].sampler for m in model.modules() if hasattr(m, "elastic_state"))
+    sampler = model_sampler(model)
     r_max = torch.tensor(sampler._ranks)
     device = model_device(model)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -161,7 +167,7 @@ def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress,
 def ramp_truncations(model, total_draws: int) -> None:
     """Progressive shrinking (OFA): each truncated rank's probability is the config's times the share of the run
     done (draws made / `total_draws`), so training starts as plain LoRA and ends at the config's distribution."""
-    sampler = next(m.elastic_state["default"].sampler for m in model.modules() if hasattr(m, "elastic_state"))
+    sampler = model_sampler(model)
     configured = sampler.probabilities
 
     def probabilities(r: int) -> dict[int, float]:
