@@ -234,6 +234,8 @@ class Study:
         if mode not in (None, "ramp"):
             losses, entry["conflict"] = losses
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
+        blocks = [losses[i : i + 10] for i in range(0, len(losses), 10)]
+        entry["train_curve"] = [round(sum(b) / len(b), 4) for b in blocks]  # mean loss of each 10 steps
         entry["commit"] = commit()
         spec = arm.split(":", 1)[-1]
         plain = spec.startswith("lora")
