@@ -40,8 +40,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from peft import get_peft_model
 
+import elasticlora.layer
 from elasticlora import ElasticLoraConfig, at_ranks
 from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss, model_device
@@ -60,12 +63,13 @@ TASKS = {
 
 
 # experiments: split+/project+/halves+ train full-rank and truncated rows in two passes per step (`train_steps_split`);
-# ramp+ grows the share of truncated draws linearly from 0 to the config's over the whole run (`ramp_truncations`)
-TRAIN_MODES = ("split+", "project+", "halves+", "ramp+")
+# ramp+ grows the share of truncated draws linearly from 0 to the config's over the whole run (`ramp_truncations`);
+# maps+ trains learned nested rank maps on the truncated rows and A, B on the full-rank rows only (`add_rank_maps`)
+TRAIN_MODES = ("split+", "project+", "halves+", "ramp+", "maps+")
 
 
 def train_mode(arm: str) -> tuple[str | None, str]:
-    """(`split`, `project`, `halves`, `ramp` or None, the config spec) of an arm."""
+    """(`split`, `project`, `halves`, `ramp`, `maps` or None, the config spec) of an arm."""
     spec = arm.split(":", 1)[-1]
     for mode in TRAIN_MODES:
         if spec.startswith(mode):
@@ -178,6 +182,65 @@ def ramp_truncations(model, total_draws: int) -> None:
     sampler.probabilities = probabilities
 
 
+def _signed(m: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The singular basis (M, N) with each component's sign fixed (largest entry of its column of N positive), so
+    learned maps expressed in it survive the basis's recomputation (an eigensolver may flip any sign)."""
+    index = n.abs().argmax(0, keepdim=True)
+    sign = torch.where(n.gather(0, index)[0] < 0, -1.0, 1.0).to(n.dtype)
+    return m * sign[:, None], n * sign
+
+
+def add_rank_maps(model) -> None:
+    """Learned nested rank maps (experiment): each elastic layer gets two r x r matrices U, V (identity at first)
+    and its rank-k truncation becomes `B N U[:, :k] V[:, :k]^T M A` (with the singular basis (M, N): at U = V = I
+    it is the SVD truncation). Full-rank rows train A and B exactly as plain LoRA does and never see U, V;
+    truncated rows train only U and V (A and B detached), so truncations reorganise the adapter without moving its
+    full-rank function. Export would write `(V_k^T M A, B N U_k)`: a plain LoRA at rank k."""
+    for module in model.modules():
+        if hasattr(module, "elastic_state"):
+            weight = module.lora_A["default"].weight
+            eye = torch.eye(module.elastic_state["default"].r, device=weight.device, dtype=torch.float32)
+            module.rank_maps = nn.ParameterDict({"u": nn.Parameter(eye.clone()), "v": nn.Parameter(eye.clone())})
+
+
+_FORWARD, _PREFIX_FACTORS = elasticlora.layer.ElasticVariant.forward, elasticlora.layer.prefix_factors
+
+
+def _maps_forward(module, active_adapter, x, result, **kwargs):
+    maps = getattr(module, "rank_maps", None)
+    state = module.elastic_state[active_adapter]
+    if maps is None or not (state.rank is None and module.training and state.samples):
+        return _FORWARD(module, active_adapter, x, result, **kwargs)
+    lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+    dropout, scaling = module.lora_dropout[active_adapter], module.scaling[active_adapter]
+    h = lora_a(dropout(x))
+    drop = state.sampler.drop_mask(state.column, h)
+    if drop is None:
+        return result + lora_b(h) * scaling
+    m, n = _signed(*state.basis.training(lora_a.weight, lora_b.weight, torch.float32))
+    truncated = drop.amax(-1, keepdim=True)  # (B, 1, ..., 1): 1 for a truncated row
+    g = F.linear(F.linear(dropout(x), lora_a.weight.detach()), (maps["v"].T @ m).to(h.dtype))  # V^T M A x
+    z = F.linear(g * (1 - drop), (n @ maps["u"]).to(h.dtype))  # N U_k V_k^T M A x
+    y = lora_b(h * (1 - truncated)) + F.linear(z * truncated, lora_b.weight.detach())
+    return result + y * scaling
+
+
+def _maps_prefix_factors(module, adapter, k):
+    maps = getattr(module, "rank_maps", None)
+    if maps is None:
+        return _PREFIX_FACTORS(module, adapter, k)
+    with torch.no_grad(), torch.autocast(maps["u"].device.type, enabled=False):
+        weight_a, weight_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        m, n = _signed(*module.elastic_state[adapter].basis.current(weight_a, weight_b))
+        a, b = weight_a.float(), weight_b.float()
+        return (maps["v"][:, :k].T @ m) @ a, b @ (n @ maps["u"][:, :k])
+
+
+# the maps+ layers' forward and rank-k factors (eval, shrink); layers without maps run the library's code
+elasticlora.layer.ElasticVariant.forward = staticmethod(_maps_forward)
+elasticlora.layer.prefix_factors = _maps_prefix_factors
+
+
 def commit() -> str:
     """The checked-out commit, with `+dirty` when the package has uncommitted changes."""
 
@@ -225,13 +288,15 @@ class Study:
         mode = train_mode(arm)[0]
         if mode == "ramp":
             ramp_truncations(model, steps * self.args.batch_size)
-        train = train_steps if mode in (None, "ramp") else functools.partial(train_steps_split, mode=mode)
+        if mode == "maps":
+            add_rank_maps(model)
+        train = train_steps if mode in (None, "ramp", "maps") else functools.partial(train_steps_split, mode=mode)
         losses = train(
             model, self.train, steps, lr, seed=seed, autocast_dtype=self.dtype, progress=False,
             warmup_steps=max(1, steps // 20),
         )  # fmt: skip
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
-        if mode not in (None, "ramp"):
+        if mode not in (None, "ramp", "maps"):
             losses, entry["conflict"] = losses
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
         blocks = [losses[i : i + 10] for i in range(0, len(losses), 10)]
