@@ -11,11 +11,12 @@ An arm is `lora` (plain LoRA at --max-rank, rsLoRA alpha 16: its SVD truncations
 LoRA trained at rank K, the grid), `default` (ElasticLoraConfig() at --max-rank) or comma-separated
 ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`), optionally named `NAME:SPEC` (to tell one
 spec apart across code versions: `rotated:default`; each run records its commit). A spec may start with an
-experimental training mode: `split+`, `halves+`, `project+` (two passes per step, see `train_steps_split`) or
-`ramp+` (progressive shrinking, see `ramp_truncations`), e.g. `project+default`. Arms recorded with fields retired
-since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun at commit d6061fc. Every (task, steps,
-arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already there are skipped, so a cut-off study
-resumes where it stopped.
+experimental training mode, all retired and kept to reproduce: `split+`, `halves+`, `project+` (two passes per
+step, see `train_steps_split`), `ramp+` (progressive shrinking, see `ramp_truncations`) or `maps+` (truncations
+through learned rank maps, A and B trained by the full-rank rows only, see `add_rank_maps`), e.g. `project+default`.
+Arms recorded with fields retired since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun
+at commit d6061fc. Every (task, steps, arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already
+there are skipped, so a cut-off study resumes where it stopped.
 `--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev. `--plot` only redraws.
 
     python scripts/recipe_study.py --task cmudict --steps 180 --arms lora default full_rank_prob=0.75 \\
@@ -196,6 +197,9 @@ def add_rank_maps(model) -> None:
     it is the SVD truncation). Full-rank rows train A and B exactly as plain LoRA does and never see U, V;
     truncated rows train only U and V (A and B detached), so truncations reorganise the adapter without moving its
     full-rank function. Export would write `(V_k^T M A, B N U_k)`: a plain LoRA at rank k."""
+    # the layers' training forward and rank-k factors (eval, shrink); layers without maps still run the library's code
+    elasticlora.layer.ElasticVariant.forward = staticmethod(_maps_forward)
+    elasticlora.layer.prefix_factors = _maps_prefix_factors
     for module in model.modules():
         if hasattr(module, "elastic_state"):
             weight = module.lora_A["default"].weight
@@ -234,11 +238,6 @@ def _maps_prefix_factors(module, adapter, k):
         m, n = _signed(*module.elastic_state[adapter].basis.current(weight_a, weight_b))
         a, b = weight_a.float(), weight_b.float()
         return (maps["v"][:, :k].T @ m) @ a, b @ (n @ maps["u"][:, :k])
-
-
-# the maps+ layers' forward and rank-k factors (eval, shrink); layers without maps run the library's code
-elasticlora.layer.ElasticVariant.forward = staticmethod(_maps_forward)
-elasticlora.layer.prefix_factors = _maps_prefix_factors
 
 
 def commit() -> str:
