@@ -89,8 +89,10 @@ def write_report(results: dict, out: Path) -> None:
         for arm, entries in sorted(arms.items()):
             if not arm.startswith("lora"):
                 curves[f"elastic: {arm}"] = (summary(entries), entries)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
         for label, (curve, _) in curves.items():
+            if "index basis" in label or "truncation_" in label:  # settings retired since: in the table only
+                continue
             ks = sorted(curve, key=int)
             ax.errorbar(
                 [int(k) for k in ks], [curve[k][0] for k in ks], yerr=[curve[k][1] / 2 for k in ks],
@@ -104,7 +106,7 @@ def write_report(results: dict, out: Path) -> None:
         ax.set_xlabel("rank k (every module)")
         ax.set_ylabel("test eval loss")
         ax.set_title(f"{task}, {steps} steps")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(out.parent / f"{task}_{steps}.png", dpi=100)
         plt.close(fig)
