@@ -211,6 +211,8 @@ _FORWARD, _PREFIX_FACTORS = elasticlora.layer.ElasticVariant.forward, elasticlor
 
 
 def _maps_forward(module, active_adapter, x, result, **kwargs):
+    """`ElasticVariant.forward` for a layer with maps: full-rank rows as plain LoRA, truncated rows through the maps
+    with A and B detached (the library's code for every other layer and call)."""
     maps = getattr(module, "rank_maps", None)
     state = module.elastic_state[active_adapter]
     if maps is None or not (state.rank is None and module.training and state.samples):
@@ -230,6 +232,7 @@ def _maps_forward(module, active_adapter, x, result, **kwargs):
 
 
 def _maps_prefix_factors(module, adapter, k):
+    """fp32 `(V_k^T M A, B N U_k)` for a layer with maps (eval and shrink at rank k), else the library's factors."""
     maps = getattr(module, "rank_maps", None)
     if maps is None:
         return _PREFIX_FACTORS(module, adapter, k)
