@@ -6,12 +6,14 @@ transformers `Conv1D`, bitsandbytes `Linear8bitLt`/`Linear4bit`, see `dispatch.p
 singular basis `B A = (B N)(M A)` (`basis.py`) and an input `x` of shape (B, ..., in):
 
     h = A x                                              # (B, ..., r)
-    y = W0 x + scaling * B (h - N (drop * (M h)))         # drop[b, j] = 1 if j >= k_b else 0
+    y[b] = W0 x[b] + scaling * B h[b]                     # k_b = r
+    y[b] = W0 x[b] + scaling * B N[:, :k_b] M[:k_b] h[b]  # k_b < r
 
 in training, with the rank `k_b` of example b drawn once per forward pass for every layer (`sampler.py`): full-rank
-rows are exactly `B h`, a plain LoRA step, and a truncated row still trains every component of A and B, through the
-top `k_b` singular directions of the current update. At a fixed rank k (eval, shrink, export) the layer computes
-`scaling * (B N[:, :k]) (M[:k] A) x`, the best rank-k approximation of the update, which is what export writes.
+rows are exactly a plain LoRA step, and a truncated row still trains every component of A and B, through the top
+`k_b` singular directions of the current update (only the truncated rows pay for the extra r x k products). At a
+fixed rank k (eval, shrink, export) the layer computes `scaling * (B N[:, :k]) (M[:k] A) x`, the best rank-k
+approximation of the update, which is what export writes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from ._peft_compat import LoraLayer, LoraLinear, LoraVariant, transpose
 from .basis import BasisCache
-from .sampler import RankSampler
+from .sampler import RankSampler, Truncation
 
 
 def sampler_of(config) -> RankSampler:
@@ -72,6 +74,17 @@ def elastic_delta_weight(module: LoraLayer, adapter: str, rank: int | None = Non
     factor_a, factor_b = (weight_a.float(), weight_b.float()) if k == state.r else prefix_factors(module, adapter, k)
     delta = (factor_b @ factor_a) * module.scaling[adapter]
     return transpose(delta.to(weight_b.dtype), module.fan_in_fan_out)
+
+
+def truncate(h: torch.Tensor, cut: Truncation, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """`h` (B, ..., r) with each row of `cut.rows` projected on its top singular components, `N_k M_k h`; the other
+    rows are untouched, so they train exactly as plain LoRA. Costs O(k r) per truncated token, nothing per other."""
+    rows = h if cut.rows is None else h.index_select(0, cut.rows)
+    z = F.linear(rows, m[: cut.k])  # (n_rows, ..., k): the leading singular coordinates
+    if cut.keep is not None:
+        z = z * cut.keep
+    rows = F.linear(z, n[:, : cut.k])
+    return rows if cut.rows is None else h.index_copy(0, cut.rows, rows)
 
 
 class ElasticVariant(LoraVariant):
@@ -123,11 +136,11 @@ class ElasticVariant(LoraVariant):
         k = _effective_rank(state, state.rank)
         if state.rank is None and module.training and state.samples:
             h = lora_a(dropout(x))  # (B, ..., r)
-            drop = state.sampler.drop_mask(state.column, h)  # (B or 1, 1, ..., r)
-            if drop is None:  # every row at full rank: a plain LoRA step
+            cut = state.sampler.truncation(state.column, h)
+            if cut is None:  # every row at full rank: a plain LoRA step
                 return result + lora_b(h) * scaling
             m, n = state.basis.training(lora_a.weight, lora_b.weight, h.dtype)
-            return result + lora_b(h - F.linear(F.linear(h, m) * drop, n)) * scaling
+            return result + lora_b(truncate(h, cut, m, n)) * scaling
         if k == state.r:  # through the lora_A module, whose output hook `sensitivity` reads
             return result + lora_b(lora_a(dropout(x))) * scaling
         if k == 0:

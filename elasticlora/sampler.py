@@ -2,9 +2,10 @@
 
 One `RankSampler` serves every layer of an elastic adapter (it lives on the adapter's `ElasticLoraConfig`). When the
 model's outermost module starts a forward pass, the sampler forgets the last draws; the first elastic layer that
-runs in training mode then makes them for the whole pass, on the host, as a (draws, layers) table of ranks; on
-each device and dtype in use, one copy and one comparison turn it into the (draws, layers, r) masks of the dropped
-components, and every layer reads its own slice of them (a view: no kernel of its own). So:
+runs in training mode then makes them for the whole pass, on the host, as a (draws, layers) table of ranks. Each
+layer call gets a `Truncation` from its column: which rows are truncated and their ranks, as index and mask tensors
+copied to the device once per distinct column of the pass (with shared draws, once per pass), so a layer computes
+the truncation on the truncated rows alone, with no host synchronisation. So:
 
 - each example runs at one rank in every layer (with probability `shared_draw_prob`; otherwise each layer draws its
   own), and a module called twice in one pass uses the same ranks both times;
@@ -186,10 +187,10 @@ class RankSampler:
             table[:, columns] = torch.tensor(list(probs))[index]
         return table
 
-    def drop_mask(self, column: int, h: torch.Tensor) -> torch.Tensor | None:
-        """Mask of one layer's dropped components in the current pass (1: dropped), shaped to broadcast over its rank
-        activations `h` (B, ..., r): (B, 1, ..., r), or (1, 1, ..., r) when the rows of `h` are not the pass's
-        examples; None when the layer runs at full rank for every row."""
+    def truncation(self, column: int, h: torch.Tensor) -> Truncation | None:
+        """Which rows of one layer's rank activations `h` (B, ..., r) the current pass truncates, and to which rank;
+        None when the layer runs at full rank for every row. When the rows of `h` are not the pass's examples, the
+        whole call runs at the pass's first rank."""
         if self._pass is None:
             if not self._roots:  # the module hooked when the layers were built is gone
                 root = _outermost_module("forward")
@@ -197,7 +198,7 @@ class RankSampler:
                     self.attach(root)
             n_draws = h.shape[0] if self.per_example and h.dim() > 1 else 1
             self._pass = self._last = _Pass(self._draw(n_draws), self._ranks)
-        return self._pass.drop_mask(column, h, self._ranks[column])
+        return self._pass.truncation(column, h)
 
     def __deepcopy__(self, memo) -> RankSampler:
         """A copy with the same settings and layers, hooked to no module yet (a copied model's hooks call it)."""
@@ -211,25 +212,40 @@ class RankSampler:
         return None if self._last is None else self._last.table[:, column].clone()
 
 
+class Truncation:
+    """The truncated rows of one layer call: `rows` (indices on the device; None: every row) keep their first `k`
+    singular components, times `keep` (n_rows, 1, ..., k) where their ranks differ (None: all at rank `k`)."""
+
+    def __init__(self, ranks: torch.Tensor, r: int, h: torch.Tensor):
+        truncated = (ranks < r).nonzero().squeeze(1)
+        kept = ranks[truncated]
+        self.k = int(kept.max())
+        self.rows = None if len(truncated) == len(ranks) else truncated.to(h.device, non_blocking=True)
+        self.keep = None
+        if (kept != self.k).any():
+            keep = (torch.arange(self.k) < kept[:, None]).to(h.dtype)  # (n_rows, k)
+            self.keep = keep.view(len(kept), *(1,) * (h.dim() - 2), self.k).to(h.device, non_blocking=True)
+
+
 class _Pass:
-    """One forward pass's draws: the host table, which layers run at full rank throughout, and the masks made from
-    the table on each (device, dtype, rank of the activations)."""
+    """One forward pass's draws: the host table, which layers run at full rank throughout, and the truncations made
+    from the table for each distinct (ranks, device, dtype, shape of the activations)."""
 
     def __init__(self, table: torch.Tensor, max_ranks: list[int]):
         self.table = table
+        self.max_ranks = max_ranks
         self.full = (table == torch.tensor(max_ranks)).all(0).tolist()
-        self.r_max = max(max_ranks)
-        self.masks: dict[tuple, torch.Tensor] = {}
+        self.truncations: dict[tuple, Truncation] = {}
 
-    def drop_mask(self, column: int, h: torch.Tensor, r: int) -> torch.Tensor | None:
+    def truncation(self, column: int, h: torch.Tensor) -> Truncation | None:
         if self.full[column]:
             return None
-        key = (h.device, h.dtype, h.dim())
-        if key not in self.masks:  # (draws, layers, 1, ..., r_max): component j is dropped when j >= the rank
-            table = self.table.to(h.device, non_blocking=True)
-            dropped = (torch.arange(self.r_max, device=h.device) >= table[:, :, None]).to(h.dtype)
-            self.masks[key] = dropped[(slice(None), slice(None)) + (None,) * max(h.dim() - 2, 0)]
-        mask = self.masks[key][:, column, ..., :r]
-        if h.dim() == 1:
-            return mask[0]
-        return mask if mask.shape[0] == h.shape[0] else mask[:1]
+        r, ranks = self.max_ranks[column], self.table[:, column]
+        if h.dim() < 2 or len(ranks) != h.shape[0]:  # rows that are not the pass's examples: its first rank
+            ranks = ranks[:1]
+            if ranks[0] == r:
+                return None
+        key = (tuple(ranks.tolist()), r, h.device, h.dtype, h.dim())
+        if key not in self.truncations:
+            self.truncations[key] = Truncation(ranks, r, h)
+        return self.truncations[key]

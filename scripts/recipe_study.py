@@ -220,15 +220,23 @@ def _maps_forward(module, active_adapter, x, result, **kwargs):
     lora_a, lora_b = module.lora_A[active_adapter], module.lora_B[active_adapter]
     dropout, scaling = module.lora_dropout[active_adapter], module.scaling[active_adapter]
     h = lora_a(dropout(x))
-    drop = state.sampler.drop_mask(state.column, h)
-    if drop is None:
+    cut = state.sampler.truncation(state.column, h)
+    if cut is None:
         return result + lora_b(h) * scaling
+    drop = _drop_mask(cut, h, state.r)
     m, n = _signed(*state.basis.training(lora_a.weight, lora_b.weight, torch.float32))
     truncated = drop.amax(-1, keepdim=True)  # (B, 1, ..., 1): 1 for a truncated row
     g = F.linear(F.linear(dropout(x), lora_a.weight.detach()), (maps["v"].T @ m).to(h.dtype))  # V^T M A x
     z = F.linear(g * (1 - drop), (n @ maps["u"]).to(h.dtype))  # N U_k V_k^T M A x
     y = lora_b(h * (1 - truncated)) + F.linear(z * truncated, lora_b.weight.detach())
     return result + y * scaling
+
+
+def _drop_mask(cut, h: torch.Tensor, r: int) -> torch.Tensor:
+    """(B or 1, 1, ..., r) mask of the components a `Truncation` drops from each row of `h` (1: dropped)."""
+    keep = cut.keep if cut.keep is not None else h.new_ones((1,) * (h.dim() - 1) + (cut.k,))
+    drop = 1 - F.pad(keep, (0, r - cut.k))
+    return drop if cut.rows is None else h.new_zeros((h.shape[0],) + drop.shape[1:]).index_copy(0, cut.rows, drop)
 
 
 def _maps_prefix_factors(module, adapter, k):
@@ -310,12 +318,14 @@ class Study:
         if spec == "lora":  # a truncation keeps the top singular directions: SVD truncation
             entry["svd"] = self.curves(model, self.ranks)
         for tolerance in self.args.shrink if spec == "lora" or not plain else []:
+            start = time.time()
             result = shrink(model, self.splits["dev"], tolerance=tolerance, autocast_dtype=self.dtype, progress=False)
+            seconds = time.time() - start
             with at_ranks(model, result.ranks):
                 test = eval_loss(model, self.splits["test"], autocast_dtype=self.dtype)
             entry.setdefault("shrink", {})[str(tolerance)] = {
                 "params": result.params, "dev": result.quality, "test": test, "passes": result.passes,
-                "max_rank": max(result.ranks.values()),
+                "max_rank": max(result.ranks.values()), "seconds": seconds,
             }  # fmt: skip
         return entry
 

@@ -71,6 +71,25 @@ def test_each_example_trains_its_own_drawn_rank():
     layer.set_elastic_rank(None, "default")
 
 
+def test_full_rank_rows_of_a_mixed_batch_are_exactly_plain_lora():
+    """The truncation touches the truncated rows only: the others' outputs and input gradients are bit for bit
+    those of a plain LoRA layer, however the rest of the batch is drawn."""
+    layer = elastic_layers(svd_model(full_rank_prob=0.5, lora_dropout=0.0))[Q_PROJ]
+    x = torch.randn(16, 5, layer.in_features, requires_grad=True)
+    layer.train()
+    y = layer(x)
+    full = layer.drawn_ranks() == 8
+    assert 0 < full.sum() < len(full)
+    lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+    x_plain = x.detach().clone().requires_grad_(True)
+    plain = layer.base_layer(x_plain) + lora_b(lora_a(x_plain)) * layer.scaling["default"]
+    assert torch.equal(y[full], plain[full])
+    weights = torch.randn_like(y) * full[:, None, None]
+    (y * weights).sum().backward()
+    (plain * weights).sum().backward()
+    assert torch.equal(x.grad[full], x_plain.grad[full])
+
+
 def test_a_mixed_batch_gets_each_examples_truncated_gradient():
     """Input and factor gradients of a training pass with mixed draws are the sums of each example's gradient at its
     own rank with the basis held fixed (what eval at that rank computes)."""
