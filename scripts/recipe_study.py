@@ -11,9 +11,10 @@ An arm is `lora` (plain LoRA at --max-rank, rsLoRA alpha 16: its SVD truncations
 LoRA trained at rank K, the grid), `default` (ElasticLoraConfig() at --max-rank) or comma-separated
 ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`), optionally named `NAME:SPEC` (to tell one
 spec apart across code versions: `rotated:default`; each run records its commit). A spec may start with an
-experimental training mode, all retired and kept to reproduce: `split+`, `halves+`, `project+` (two passes per
-step, see `train_steps_split`), `ramp+` (progressive shrinking, see `ramp_truncations`) or `maps+` (truncations
-through learned rank maps, A and B trained by the full-rank rows only, see `add_rank_maps`), e.g. `project+default`.
+experimental training mode, kept to reproduce: `split+`, `halves+`, `project+` (two passes per step, see
+`train_steps_split`), `sandwich+` (every row at full rank, the truncated rows distilled in a second pass, see
+`sandwich_step`), `ramp+` (progressive shrinking, see `ramp_truncations`) or `maps+` (truncations through learned
+rank maps, A and B trained by the full-rank rows only, see `add_rank_maps`), e.g. `project+default`.
 Arms recorded with fields retired since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun
 at commit d6061fc. Every (task, steps, arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already
 there are skipped, so a cut-off study resumes where it stopped.
@@ -64,13 +65,14 @@ TASKS = {
 
 
 # experiments: split+/project+/halves+ train full-rank and truncated rows in two passes per step (`train_steps_split`);
+# sandwich+ trains every row at full rank and re-runs the truncated rows to learn its output (`sandwich_step`);
 # ramp+ grows the share of truncated draws linearly from 0 to the config's over the whole run (`ramp_truncations`);
 # maps+ trains learned nested rank maps on the truncated rows and A, B on the full-rank rows only (`add_rank_maps`)
-TRAIN_MODES = ("split+", "project+", "halves+", "ramp+", "maps+")
+TRAIN_MODES = ("split+", "project+", "halves+", "sandwich+", "ramp+", "maps+")
 
 
 def train_mode(arm: str) -> tuple[str | None, str]:
-    """(`split`, `project`, `halves`, `ramp`, `maps` or None, the config spec) of an arm."""
+    """(`split`, `project`, `halves`, `sandwich`, `ramp`, `maps` or None, the config spec) of an arm."""
     spec = arm.split(":", 1)[-1]
     for mode in TRAIN_MODES:
         if spec.startswith(mode):
@@ -133,6 +135,12 @@ def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress,
         if mode == "halves":
             table = r_max.expand_as(table)
         tokens = (batch["labels"][:, 1:] != -100).sum(1).double()
+        if mode == "sandwich":
+            losses.append(sandwich_step(model, sampler, batch, table, ~full, tokens, autocast))
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            continue
         grads, loss_sum = [], 0.0
         for rows in (full.nonzero()[:, 0], (~full).nonzero()[:, 0]):
             if len(rows) == 0:
@@ -167,6 +175,31 @@ def train_steps_split(model, batches, steps, lr, seed, autocast_dtype, progress,
             })  # fmt: skip
     model.eval()
     return losses, conflict
+
+
+def sandwich_step(model, sampler, batch, table, truncated, tokens, autocast) -> float:
+    """One backward of the sandwich rule with in-place distillation at per-token parity: every row at full rank on its
+    labels (a plain LoRA step), then the rows the config's draws truncate run again at their drawn ranks and learn
+    the full rank's detached next-token distribution; their mean KL is weighted by their share of the batch's label
+    tokens, so a truncated token pulls as hard as a label token does (the retired `distill_fraction` weighted a
+    2-row slice like the whole batch). Returns the labels' loss."""
+    sampler._draw = lambda n: table.new_tensor(sampler._ranks).expand(n, -1)  # the labels' pass: every row full rank
+    with autocast:
+        out = model(**batch)
+    loss = out.loss
+    rows = truncated.nonzero()[:, 0]
+    if len(rows):
+        sampler._draw = lambda n: table[rows]
+        with autocast:
+            student = model(**{k: v[rows] for k, v in batch.items() if k != "labels"}).logits
+        scored = batch["labels"][rows, 1:] != -100  # position t predicts label t + 1
+        log_t = F.log_softmax(out.logits[rows, :-1][scored].detach().float(), -1)
+        log_s = F.log_softmax(student[:, :-1][scored].float(), -1)
+        kl = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+        loss = loss + kl * float(tokens[rows].sum() / tokens.sum())
+    del sampler._draw
+    loss.backward()
+    return out.loss.item()
 
 
 def ramp_truncations(model, total_draws: int) -> None:
@@ -307,7 +340,9 @@ class Study:
         )  # fmt: skip
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
         if mode not in (None, "ramp", "maps"):
-            losses, entry["conflict"] = losses
+            losses, conflict = losses
+            if conflict:
+                entry["conflict"] = conflict
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
         blocks = [losses[i : i + 10] for i in range(0, len(losses), 10)]
         entry["train_curve"] = [round(sum(b) / len(b), 4) for b in blocks]  # mean loss of each 10 steps
