@@ -84,7 +84,7 @@ def truncate(h: torch.Tensor, cut: Truncation, m: torch.Tensor, n: torch.Tensor)
     if cut.keep is not None:
         z = z * cut.keep
     rows = F.linear(z, n[:, : cut.k])
-    return rows if cut.rows is None else h.index_copy(0, cut.rows, rows)
+    return rows if cut.rows is None else h.index_put((cut.rows,), rows)  # saves only the indices for backward
 
 
 class ElasticVariant(LoraVariant):
