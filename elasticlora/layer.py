@@ -78,7 +78,7 @@ def elastic_delta_weight(module: LoraLayer, adapter: str, rank: int | None = Non
 
 def truncate(h: torch.Tensor, cut: Truncation, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """`h` (B, ..., r) with each row of `cut.rows` projected on its top singular components, `N_k M_k h`; the other
-    rows are untouched, so they train exactly as plain LoRA. Costs O(k r) per truncated token, nothing per other."""
+    rows are untouched, so they train exactly as plain LoRA. Costs O(k r) per truncated token and a copy of `h`."""
     rows = h if cut.rows is None else h.index_select(0, cut.rows)
     z = F.linear(rows, m[: cut.k])  # (n_rows, ..., k): the leading singular coordinates
     if cut.keep is not None:
