@@ -76,15 +76,37 @@ def elastic_delta_weight(module: LoraLayer, adapter: str, rank: int | None = Non
     return transpose(delta.to(weight_b.dtype), module.fan_in_fan_out)
 
 
+class _Truncate(torch.autograd.Function):
+    """`h` with the rows `rows` (None: every row) replaced by `N_k (keep * M_k h)`. Linear in `h`, and the basis
+    `M_k`, `N_k` takes no gradient, so the backward pass is the same projection, transposed, of the rows of the
+    incoming gradient: one autograd node where separate ops would record five, and no backward kernel over all of
+    `h` but one copy (`scripts/bench_overhead.py --truncation-only` times both)."""
+
+    @staticmethod
+    def forward(ctx, h, m_k, n_k, rows, keep):
+        ctx.save_for_backward(m_k, n_k, rows, keep)
+        return _project(h, rows, m_k, keep, n_k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        m_k, n_k, rows, keep = ctx.saved_tensors
+        return _project(grad, rows, n_k.T, keep, m_k.T), None, None, None, None
+
+
+def _project(h: torch.Tensor, rows, first: torch.Tensor, keep, second: torch.Tensor) -> torch.Tensor:
+    """`h` with the rows `rows` (None: all) replaced by `second (keep * first h)`, out of place."""
+    selected = h if rows is None else h.index_select(0, rows)
+    z = F.linear(selected, first)
+    if keep is not None:
+        z = z.mul_(keep)
+    selected = F.linear(z, second)
+    return selected if rows is None else h.index_put((rows,), selected)
+
+
 def truncate(h: torch.Tensor, cut: Truncation, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """`h` (B, ..., r) with each row of `cut.rows` projected on its top singular components, `N_k M_k h`; the other
     rows are untouched, so they train exactly as plain LoRA. Costs O(k r) per truncated token and a copy of `h`."""
-    rows = h if cut.rows is None else h.index_select(0, cut.rows)
-    z = F.linear(rows, m[: cut.k])  # (n_rows, ..., k): the leading singular coordinates
-    if cut.keep is not None:
-        z = z * cut.keep
-    rows = F.linear(z, n[:, : cut.k])
-    return rows if cut.rows is None else h.index_put((cut.rows,), rows)  # saves only the indices for backward
+    return _Truncate.apply(h, m[: cut.k], n[:, : cut.k], cut.rows, cut.keep)
 
 
 class ElasticVariant(LoraVariant):

@@ -229,17 +229,25 @@ class Truncation:
 
 class _Pass:
     """One forward pass's draws: the host table, which layers run at full rank throughout, and the truncations made
-    from the table for each distinct (ranks, device, dtype, shape of the activations)."""
+    from the table for each distinct (ranks, device, dtype, shape of the activations), shared by the columns (layers)
+    that drew the same ranks."""
 
     def __init__(self, table: torch.Tensor, max_ranks: list[int]):
         self.table = table
         self.max_ranks = max_ranks
         self.full = (table == torch.tensor(max_ranks)).all(0).tolist()
         self.truncations: dict[tuple, Truncation] = {}
+        self.calls: dict[tuple, Truncation | None] = {}  # by (column, activations): no host work on a repeat
 
     def truncation(self, column: int, h: torch.Tensor) -> Truncation | None:
         if self.full[column]:
             return None
+        call = (column, h.device, h.dtype, h.dim(), h.shape[0])
+        if call not in self.calls:
+            self.calls[call] = self._truncation(column, h)
+        return self.calls[call]
+
+    def _truncation(self, column: int, h: torch.Tensor) -> Truncation | None:
         r, ranks = self.max_ranks[column], self.table[:, column]
         if h.dim() < 2 or len(ranks) != h.shape[0]:  # rows that are not the pass's examples: its first rank
             ranks = ranks[:1]

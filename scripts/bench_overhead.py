@@ -7,6 +7,7 @@ weights and optimizer state are identical. On CUDA the peak allocated memory of 
 
     python scripts/bench_overhead.py                      # tiny model and SmolLM2-135M, CPU
     python scripts/bench_overhead.py --models smollm2 --device cuda --batch-size 16 --seq-len 512
+    python scripts/bench_overhead.py --truncation-only    # the truncation op alone, against separate autograd ops
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from peft import LoraConfig, get_peft_model
 from recipe_study import parse_arm
 
 from elasticlora import ElasticLoraConfig
+from elasticlora.layer import truncate
 from elasticlora.loading import load_model_and_tokenizer
+from elasticlora.sampler import Truncation
 
 
 def tiny_model() -> torch.nn.Module:
@@ -120,6 +123,50 @@ def run(name: str, base: torch.nn.Module, args, device: torch.device) -> dict:
     return result
 
 
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU x{torch.get_num_threads()}"
+
+
+def truncate_by_ops(h: torch.Tensor, cut: Truncation, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The library's `truncate` written as separate autograd ops: the reference it is timed against."""
+    rows = h if cut.rows is None else h.index_select(0, cut.rows)
+    z = torch.nn.functional.linear(rows, m[: cut.k])
+    if cut.keep is not None:
+        z = z * cut.keep
+    rows = torch.nn.functional.linear(z, n[:, : cut.k])
+    return rows if cut.rows is None else h.index_put((cut.rows,), rows)
+
+
+def bench_truncation(args, device: torch.device) -> dict:
+    """Forward + backward of one layer's truncation, the library's op against `truncate_by_ops`, alternating, on
+    (batch, seq, rank) activations with half the rows at full rank and the rest drawn at 1, 2, 4 and 16."""
+    torch.manual_seed(0)
+    r = args.rank
+    m, n = torch.randn(r, r, device=device), torch.randn(r, r, device=device)
+    h = torch.randn(args.batch_size, args.seq_len, r, device=device, requires_grad=True)
+    grad = torch.randn_like(h)
+    ranks = torch.tensor([r, 1, r, 4, r, 16, r, 2] * (args.batch_size // 8 or 1))[: args.batch_size]
+    cut = Truncation(ranks, r, h)
+    ops = {"library": truncate, "separate_ops": truncate_by_ops}
+    assert torch.allclose(truncate(h, cut, m, n), truncate_by_ops(h, cut, m, n))
+    times = {name: [] for name in ops}
+    for i in range(args.warmup + args.steps):
+        for name in list(ops) if i % 2 == 0 else list(reversed(ops)):
+            start = time.perf_counter()
+            for _ in range(50):
+                ops[name](h, cut, m, n).backward(grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name].append((time.perf_counter() - start) / 50)
+    result = {"batch": [args.batch_size, args.seq_len], "rank": r}
+    result.update({f"{name}_us_median": statistics.median(t) * 1e6 for name, t in times.items()})
+    result["ratio"] = result["library_us_median"] / result["separate_ops_us_median"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
@@ -132,19 +179,31 @@ def main() -> None:
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead.json"))
+    parser.add_argument("--truncation-only", action="store_true", help="time the truncation op alone")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.truncation_only:
+        result = bench_truncation(args, device)
+        report = {"date": str(date.today()), "machine": machine_name(device), "torch": torch.__version__, **result}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        print(
+            f"truncation, fwd + bwd: {result['library_us_median']:.0f} us (one op) against "
+            f"{result['separate_ops_us_median']:.0f} us (separate ops), {result['ratio']:.3f}x"
+        )
+        return
     results = []
     for name in args.models:
         base = tiny_model() if name == "tiny" else load_model_and_tokenizer(name)[0]
         results.append(run(name, base, args, device))
         print(json.dumps(results[-1], indent=2), flush=True)
-    machine = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.machine()} CPU x{torch.get_num_threads()}"
-    )
-    report = {"date": str(date.today()), "machine": machine, "torch": torch.__version__, "results": results}
+    report = {
+        "date": str(date.today()),
+        "machine": machine_name(device),
+        "torch": torch.__version__,
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print("\n| model | rank | batch | step time elastic / LoRA | saved activations elastic / LoRA |")

@@ -9,7 +9,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, is_elastic_adapter, load_elastic
 from elasticlora.basis import svd_basis
-from elasticlora.layer import elastic_delta_weight, prefix_factors
+from elasticlora.layer import elastic_delta_weight, prefix_factors, truncate
+from elasticlora.sampler import Truncation
 from elasticlora.shrink import sensitivity, shrink
 
 from conftest import randomize_lora, tiny_llama
@@ -88,6 +89,25 @@ def test_full_rank_rows_of_a_mixed_batch_are_exactly_plain_lora():
     (y * weights).sum().backward()
     (plain * weights).sum().backward()
     assert torch.equal(x.grad[full], x_plain.grad[full])
+
+
+@pytest.mark.parametrize("ranks", [[1, 3, 4, 4, 4], [2, 2, 4, 2, 4], [1, 1, 1, 1, 1], [3, 1, 2, 3, 2]])
+def test_the_truncation_op_has_the_gradient_of_its_formula(ranks):
+    """`truncate`'s hand-written backward (one autograd node) matches autograd through the formula it computes:
+    row b of h is kept when its rank is r, else replaced by N[:, :k_b] M[:k_b] h[b]; twice differentiable too."""
+    r = 4
+    ranks_t = torch.tensor(ranks)
+    h = torch.randn(len(ranks), 3, r, dtype=torch.double, requires_grad=True)
+    m, n = torch.randn(r, r, dtype=torch.double), torch.randn(r, r, dtype=torch.double)
+    cut = Truncation(ranks_t, r, h)
+
+    def reference(h):
+        rows = [h[b] if k == r else h[b] @ m[:k].T @ n[:, :k].T for b, k in enumerate(ranks)]
+        return torch.stack(rows)
+
+    assert torch.allclose(truncate(h, cut, m, n), reference(h))
+    assert torch.autograd.gradcheck(lambda h: truncate(h, cut, m, n), (h,))
+    assert torch.autograd.gradgradcheck(lambda h: truncate(h, cut, m, n), (h,))
 
 
 def test_a_mixed_batch_gets_each_examples_truncated_gradient():
