@@ -13,8 +13,9 @@ ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`), optionally 
 spec apart across code versions: `rotated:default`; each run records its commit). A spec may start with an
 experimental training mode, kept to reproduce: `split+`, `halves+`, `project+` (two passes per step, see
 `train_steps_split`), `sandwich+` (every row at full rank, the truncated rows distilled in a second pass, see
-`sandwich_step`), `ramp+` (progressive shrinking, see `ramp_truncations`) or `maps+` (truncations through learned
-rank maps, A and B trained by the full-rank rows only, see `add_rank_maps`), e.g. `project+default`.
+`sandwich_step`), `ramp+` / `anneal+` (the truncated share grown from 0 / annealed to 0, see `ramp_truncations`)
+or `maps+` (truncations through learned rank maps, A and B trained by the full-rank rows only, see
+`add_rank_maps`), e.g. `project+default`.
 Arms recorded with fields retired since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun
 at commit d6061fc. Every (task, steps, arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already
 there are skipped, so a cut-off study resumes where it stopped.
@@ -66,13 +67,14 @@ TASKS = {
 
 # experiments: split+/project+/halves+ train full-rank and truncated rows in two passes per step (`train_steps_split`);
 # sandwich+ trains every row at full rank and re-runs the truncated rows to learn its output (`sandwich_step`);
-# ramp+ grows the share of truncated draws linearly from 0 to the config's over the whole run (`ramp_truncations`);
+# ramp+ grows the share of truncated draws linearly from 0 to the config's over the whole run (`ramp_truncations`),
+# anneal+ shrinks it from the config's to 0 (CoTo's progressive activation);
 # maps+ trains learned nested rank maps on the truncated rows and A, B on the full-rank rows only (`add_rank_maps`)
-TRAIN_MODES = ("split+", "project+", "halves+", "sandwich+", "ramp+", "maps+")
+TRAIN_MODES = ("split+", "project+", "halves+", "sandwich+", "ramp+", "anneal+", "maps+")
 
 
 def train_mode(arm: str) -> tuple[str | None, str]:
-    """(`split`, `project`, `halves`, `sandwich`, `ramp`, `maps` or None, the config spec) of an arm."""
+    """(`split`, `project`, `halves`, `sandwich`, `ramp`, `anneal`, `maps` or None, the config spec) of an arm."""
     spec = arm.split(":", 1)[-1]
     for mode in TRAIN_MODES:
         if spec.startswith(mode):
@@ -202,14 +204,16 @@ def sandwich_step(model, sampler, batch, table, truncated, tokens, autocast) -> 
     return out.loss.item()
 
 
-def ramp_truncations(model, total_draws: int) -> None:
+def ramp_truncations(model, total_draws: int, anneal: bool = False) -> None:
     """Progressive shrinking (OFA): each truncated rank's probability is the config's times the share of the run
-    done (draws made / `total_draws`), so training starts as plain LoRA and ends at the config's distribution."""
+    done (draws made / `total_draws`), so training starts as plain LoRA and ends at the config's distribution.
+    `anneal`: times the share left instead, from the config's distribution to plain LoRA (CoTo, arXiv 2506.05713)."""
     sampler = model_sampler(model)
     configured = sampler.probabilities
 
     def probabilities(r: int) -> dict[int, float]:
-        scale = min(1.0, sampler.draws / total_draws)
+        done = min(1.0, sampler.draws / total_draws)
+        scale = 1.0 - done if anneal else done
         probs = {k: p * scale for k, p in configured(r).items() if k != r}
         return {**probs, r: 1.0 - sum(probs.values())}
 
@@ -329,17 +333,18 @@ class Study:
         model = get_peft_model(copy.deepcopy(self.base), config)
         start = time.time()
         mode = train_mode(arm)[0]
-        if mode == "ramp":
-            ramp_truncations(model, steps * self.args.batch_size)
+        if mode in ("ramp", "anneal"):
+            ramp_truncations(model, steps * self.args.batch_size, anneal=mode == "anneal")
         if mode == "maps":
             add_rank_maps(model)
-        train = train_steps if mode in (None, "ramp", "maps") else functools.partial(train_steps_split, mode=mode)
+        one_pass = mode in (None, "ramp", "anneal", "maps")
+        train = train_steps if one_pass else functools.partial(train_steps_split, mode=mode)
         losses = train(
             model, self.train, steps, lr, seed=seed, autocast_dtype=self.dtype, progress=False,
             warmup_steps=max(1, steps // 20),
         )  # fmt: skip
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
-        if mode not in (None, "ramp", "maps"):
+        if not one_pass:
             losses, conflict = losses
             if conflict:
                 entry["conflict"] = conflict
