@@ -91,11 +91,14 @@ def write_report(results: dict, out: Path) -> None:
             grid[str(ranks[-1])] = summary(arms["lora"])[str(ranks[-1])] if "lora" in arms else None
             curves["LoRA trained at k (grid)"] = ({k: v for k, v in grid.items() if v}, [])
         for arm, entries in sorted(arms.items()):
-            if not arm.startswith("lora"):
+            spec = arm.split(":", 1)[-1]
+            if spec == "lora" and arm != "lora":  # plain LoRA run again under a name (newer code): table only
+                curves[f"plain LoRA r_max, SVD-truncated, {arm}"] = (summary(entries, curve="svd"), entries)
+            elif not spec.startswith("lora"):
                 curves[f"elastic: {arm}"] = (summary(entries), entries)
         fig, ax = plt.subplots(figsize=(10, 4.5))
         for label, (curve, _) in curves.items():
-            if any(mark in label for mark in RETIRED):  # in the table only
+            if any(mark in label for mark in RETIRED) or "SVD-truncated, " in label:  # in the table only
                 continue
             ks = sorted(curve, key=int)
             ax.errorbar(
