@@ -19,10 +19,17 @@ from peft import PeftModel, get_peft_model
 
 from elasticlora import ElasticLoraConfig
 from elasticlora.data import eval_batches, load_rows
-from elasticlora.evaluate import eval_loss
+from elasticlora.evaluate import eval_loss, model_device
+from elasticlora.loading import bf16_is_faster_on_cpu
 from elasticlora.workflow import shrink_adapter
 
 from common import DATA, base_model_dir, load_model, train_steps
+
+
+def bf16_is_faster(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bf16_is_faster_on_cpu()
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
@@ -53,13 +60,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--tolerance", type=float, default=0.01)
-    parser.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is ~2x faster on CPU)")
+    parser.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="train in fp32 (by default bf16 autocast where it is faster: GPUs with bf16, CPUs with AMX/AVX512-BF16)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     args = parser.parse_args()
-    autocast = None if args.no_bf16 else torch.bfloat16
 
     args.model = base_model_dir(args.model)  # shrink loads the base by name or path
     base, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
+    # bf16 only where the hardware computes it: emulated (CPUs without AVX512-BF16/AMX) it is 10-30x slower than fp32
+    bf16 = not args.no_bf16 and bf16_is_faster(model_device(base))
+    autocast = torch.bfloat16 if bf16 else None
     eval_rows = load_rows(args.eval_data)[: args.eval_rows]
     prompts = [row["prompt"] for row in eval_rows[:3] if "prompt" in row]
     before = generate(base, tokenizer, prompts)
@@ -83,7 +96,7 @@ def main() -> None:
         gguf_file=args.gguf_file,
         overwrite=True,
         autocast_dtype=autocast,
-        dtype="float32" if args.no_bf16 else "auto",  # auto may pick bf16 weights; --no-bf16 means fp32 throughout
+        dtype="auto" if bf16 else "float32",  # auto may pick bf16 weights; without bf16, fp32 throughout
     )
 
     plain_base, _ = load_model(args.model, gguf_file=args.gguf_file)
