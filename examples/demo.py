@@ -70,7 +70,7 @@ def main() -> None:
 
     args.model = base_model_dir(args.model)  # shrink loads the base by name or path
     base, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
-    # bf16 only where the hardware computes it: emulated (CPUs without AVX512-BF16/AMX) it is 10-30x slower than fp32
+    # bf16 only where the hardware computes it: emulated (CPUs without AVX512-BF16/AMX) it ran 30-50x slower than fp32
     bf16 = not args.no_bf16 and bf16_is_faster(model_device(base))
     autocast = torch.bfloat16 if bf16 else None
     eval_rows = load_rows(args.eval_data)[: args.eval_rows]
