@@ -20,16 +20,10 @@ from peft import PeftModel, get_peft_model
 from elasticlora import ElasticLoraConfig
 from elasticlora.data import eval_batches, load_rows
 from elasticlora.evaluate import eval_loss, model_device
-from elasticlora.loading import bf16_is_faster_on_cpu
+from elasticlora.loading import resolve_dtype
 from elasticlora.workflow import shrink_adapter
 
 from common import DATA, base_model_dir, load_model, train_steps
-
-
-def bf16_is_faster(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bf16_is_faster_on_cpu()
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
@@ -71,7 +65,7 @@ def main() -> None:
     args.model = base_model_dir(args.model)  # shrink loads the base by name or path
     base, tokenizer = load_model(args.model, gguf_file=args.gguf_file)
     # bf16 only where the hardware computes it: emulated (CPUs without AVX512-BF16/AMX) it ran 30-50x slower than fp32
-    bf16 = not args.no_bf16 and bf16_is_faster(model_device(base))
+    bf16 = not args.no_bf16 and resolve_dtype("auto", model_device(base)) == torch.bfloat16
     autocast = torch.bfloat16 if bf16 else None
     eval_rows = load_rows(args.eval_data)[: args.eval_rows]
     prompts = [row["prompt"] for row in eval_rows[:3] if "prompt" in row]
