@@ -102,8 +102,12 @@ def train_steps(
     progress: bool = True,
     desc: str = "train",
     warmup_steps: int = 0,
+    max_grad_norm: float | None = None,
+    grad_norms: list[float] | None = None,
 ) -> list[float]:
-    """AdamW on the trainable parameters for `steps` batches (cycling through shuffled `batches`), linear decay.
+    """AdamW on the trainable parameters for `steps` batches (cycling through shuffled `batches`), linear decay;
+    with `max_grad_norm`, the gradient is clipped to that total norm first (Trainer's default is 1.0) and each step's
+    norm before clipping is appended to `grad_norms` if given.
 
     Returns the training loss of every step.
     """
@@ -130,6 +134,10 @@ def train_steps(
         with autocast:
             loss = model(**batch).loss
         loss.backward()
+        if max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if grad_norms is not None:
+                grad_norms.append(norm.item())
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

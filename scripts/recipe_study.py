@@ -18,7 +18,9 @@ maps, A and B trained by the full-rank rows only), e.g. `project+default`.
 Arms recorded with fields retired since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun
 at commit d6061fc. Every (task, steps, arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already
 there are skipped, so a cut-off study resumes where it stopped.
-`--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev. `--plot` only redraws.
+`--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev. `--max-grad-norm 1`
+clips the gradient as Trainer does by default (runs before 2026-12-03 did not clip); a JSON holds runs of one
+setting only, so clipped runs go to their own file. `--plot` only redraws.
 
     python scripts/recipe_study.py --task cmudict --steps 180 --arms lora default full_rank_prob=0.75 \\
         --lrs 2e-3 --shrink 0.01 --out scripts/results/recipe_study/cmudict.json
@@ -131,12 +133,22 @@ class Study:
         if mode == "maps":
             add_rank_maps(model)
         one_pass = mode in (None, "ramp", "anneal", "maps")
+        clip, norms = {}, []
+        if self.args.max_grad_norm is not None:
+            if not one_pass:
+                raise SystemExit(f"--max-grad-norm is not supported by the two-pass mode of {arm!r}")
+            clip = {"max_grad_norm": self.args.max_grad_norm, "grad_norms": norms}
         train = train_steps if one_pass else functools.partial(train_steps_split, mode=mode)
         losses = train(
             model, self.train, steps, lr, seed=seed, autocast_dtype=self.dtype, progress=False,
-            warmup_steps=max(1, steps // 20),
+            warmup_steps=max(1, steps // 20), **clip,
         )  # fmt: skip
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
+        if norms:  # the gradient norm before clipping: its mean per 10 steps, and how often it was clipped
+            entry["grad_norm_curve"] = [
+                round(sum(norms[i : i + 10]) / len(norms[i : i + 10]), 3) for i in range(0, len(norms), 10)
+            ]
+            entry["clipped_share"] = sum(n > self.args.max_grad_norm for n in norms) / len(norms)
         if not one_pass:
             losses, conflict = losses
             if conflict:
@@ -173,6 +185,7 @@ def main() -> None:
     parser.add_argument("--max-rank", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shrink", type=float, nargs="*", default=[], help="tolerances to shrink at (on dev)")
+    parser.add_argument("--max-grad-norm", type=float, help="clip the gradient to this norm (Trainer's default: 1)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on GPUs and AMX CPUs only)")
     parser.add_argument("--plot", action="store_true", help="only redraw the PNGs and the table from --out")
     parser.add_argument("--out", type=Path, required=True)
@@ -183,6 +196,10 @@ def main() -> None:
 
         write_report(results, args.out)
         return
+    held = results.get("max_grad_norm") if results["runs"] else args.max_grad_norm  # files before it: unclipped
+    if held != args.max_grad_norm:
+        raise SystemExit(f"{args.out} holds runs with --max-grad-norm {held}: use another --out")
+    results["max_grad_norm"] = held
     study = Study(args)
     machine = torch.cuda.get_device_name() if study.device.type == "cuda" else f"{platform.machine()} CPU"
     results.setdefault("machine", f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
