@@ -69,6 +69,11 @@ def _plot_conflict(plt, conflict: dict[str, list[dict]], path: Path, title: str)
     plt.close(fig)
 
 
+def _stem(out: Path, task: str) -> str:
+    """The plots' file-name stem: the task, or the JSON's own name for a second study of it (`cmudict_clip.json`)."""
+    return task if out.stem == task else out.stem
+
+
 def write_report(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -76,8 +81,10 @@ def write_report(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     picked = chosen(list(results["runs"].values()))
+    clipped = f" Gradient clipped at norm {results['max_grad_norm']:g}." if results.get("max_grad_norm") else ""
     lines = [
-        f"{results.get('machine', '')}. Test loss at the lr chosen on dev (seed 0); mean ±half-spread over seeds.",
+        f"{results.get('machine', '')}. Test loss at the lr chosen on dev (seed 0); mean ±half-spread over seeds."
+        + clipped,
         "",
     ]
     for task, steps in sorted({(t, s) for t, s, _ in picked}):
@@ -115,7 +122,7 @@ def write_report(results: dict, out: Path) -> None:
         ax.set_title(f"{task}, {steps} steps")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        fig.savefig(out.parent / f"{task}_{steps}.png", dpi=100)
+        fig.savefig(out.parent / f"{_stem(out, task)}_{steps}.png", dpi=100)
         plt.close(fig)
 
         lines += [f"## {task}, {steps} steps", "", "| arm (lr, seeds) | " + " | ".join(f"k={k}" for k in ranks) + " |"]
@@ -137,7 +144,9 @@ def write_report(results: dict, out: Path) -> None:
                     lines.append(f"| {arm} | {cells} |")
         conflict = {arm: entries[0]["conflict"] for arm, entries in sorted(arms.items()) if "conflict" in entries[0]}
         if conflict:
-            _plot_conflict(plt, conflict, out.parent / f"{task}_{steps}_conflict.png", f"{task}, {steps} steps")
+            _plot_conflict(
+                plt, conflict, out.parent / f"{_stem(out, task)}_{steps}_conflict.png", f"{task}, {steps} steps"
+            )
         seconds = {arm: statistics.mean(e["seconds"] for e in entries) for arm, entries in arms.items()}
         lines += ["", "Training seconds per run: " + ", ".join(f"{a} {s:.0f}" for a, s in sorted(seconds.items())), ""]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
