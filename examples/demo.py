@@ -74,7 +74,7 @@ def main() -> None:
     torch.manual_seed(0)  # the adapter's initialisation; training seeds its own data order and draws
     model = get_peft_model(base, ElasticLoraConfig(r=args.max_rank))
     train = eval_batches(tokenizer, args.data, batch_size=args.batch_size)
-    train_steps(model, train, args.steps, args.lr, autocast_dtype=autocast, desc="elastic training")
+    train_steps(model, train, args.steps, args.lr, autocast_dtype=autocast, desc="elastic training", max_grad_norm=1.0)
     adapter_dir = args.out / "adapter"
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)

@@ -50,7 +50,8 @@ def main() -> None:
     print(f"elastic layers: {type(next(iter(elastic_layers(model).values()))).__name__}")
 
     train = eval_batches(tokenizer, DATA / "wordnet_train.jsonl", batch_size=16)
-    train_steps(model, train, args.steps, args.lr, autocast_dtype=torch.bfloat16, desc=f"{args.bits}-bit training")
+    desc = f"{args.bits}-bit training"
+    train_steps(model, train, args.steps, args.lr, autocast_dtype=torch.bfloat16, desc=desc, max_grad_norm=1.0)
     adapter_dir = args.out / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     model.save_pretrained(adapter_dir)

@@ -6,6 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from peft import get_peft_model
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from elasticlora import ElasticLoraConfig
+from elasticlora.data import eval_batches
+
+from common import train_steps
+from conftest import char_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +68,28 @@ def test_trainer_example_runs_in_one_process(tmp_path):
                 "--out", str(tmp_path / "run"), "--report", str(report))  # fmt: skip
     (process,) = json.loads(report.read_text())
     assert process["world_size"] == 1 and process["wrapper"] == "PeftModel"
+
+
+def test_train_steps_clips_the_gradient_the_optimizer_sees():
+    """`train_steps(max_grad_norm=...)` clips before each optimizer step, and records each step's norm before it."""
+    rows = [{"prompt": "define cat:", "completion": " a small animal."}] * 8
+    batches = eval_batches(char_tokenizer(), rows, batch_size=8)
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    for max_norm in (None, 1e-3):
+        model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=4))
+        norms = []
+        handle = register_optimizer_step_pre_hook(record)
+        try:
+            train_steps(model, batches, steps=3, lr=1e-2, progress=False, max_grad_norm=max_norm, grad_norms=norms)
+        finally:
+            handle.remove()
+        if max_norm is None:
+            assert norms == [] and min(seen) > 1e-3  # unclipped: the optimizer sees the raw gradient
+        else:
+            assert len(norms) == 3 and min(norms) > 1e-3  # the raw norms, recorded before clipping
+            assert max(seen[-3:]) == pytest.approx(1e-3, rel=1e-4)
