@@ -93,6 +93,11 @@ def commit() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
+def per_ten_steps(values: list[float], digits: int) -> list[float]:
+    """The mean of each 10 steps' values, rounded."""
+    return [round(sum(values[i : i + 10]) / len(values[i : i + 10]), digits) for i in range(0, len(values), 10)]
+
+
 def run_key(task: str, steps: int, arm: str, lr: float, seed: int) -> str:
     return f"{task}|{steps}|{arm}|{lr:g}|{seed}"
 
@@ -145,17 +150,14 @@ class Study:
         )  # fmt: skip
         entry = {"arm": arm, "steps": steps, "lr": lr, "seed": seed, "seconds": time.time() - start}
         if norms:  # the gradient norm before clipping: its mean per 10 steps, and how often it was clipped
-            entry["grad_norm_curve"] = [
-                round(sum(norms[i : i + 10]) / len(norms[i : i + 10]), 3) for i in range(0, len(norms), 10)
-            ]
+            entry["grad_norm_curve"] = per_ten_steps(norms, 3)
             entry["clipped_share"] = sum(n > self.args.max_grad_norm for n in norms) / len(norms)
         if not one_pass:
             losses, conflict = losses
             if conflict:
                 entry["conflict"] = conflict
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
-        blocks = [losses[i : i + 10] for i in range(0, len(losses), 10)]
-        entry["train_curve"] = [round(sum(b) / len(b), 4) for b in blocks]  # mean loss of each 10 steps
+        entry["train_curve"] = per_ten_steps(losses, 4)
         entry["commit"] = commit()
         spec = arm.split(":", 1)[-1]
         plain = spec.startswith("lora")
