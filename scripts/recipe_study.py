@@ -13,8 +13,8 @@ ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`), optionally 
 spec apart across code versions: `rotated:default`; each run records its commit). A spec may start with an
 experimental training mode (scripts/recipe_modes.py, each retired, kept to reproduce): `split+`, `halves+`,
 `project+` (two passes per step), `sandwich+` (every row at full rank, the truncated rows distilled in a second pass),
-`ramp+` / `anneal+` (the truncated share grown from 0 / annealed to 0) or `maps+` (truncations through learned rank
-maps, A and B trained by the full-rank rows only), e.g. `project+default`.
+`ramp+` / `anneal+` (the truncated share grown from 0 / annealed to 0), `maps+` (truncations through learned rank
+maps, A and B trained by the full-rank rows only) or `low+` (no truncated draws above r / 8), e.g. `project+default`.
 Arms recorded with fields retired since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun
 at commit d6061fc. Every (task, steps, arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already
 there are skipped, so a cut-off study resumes where it stopped.
@@ -51,7 +51,13 @@ from elasticlora.shrink import shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-from recipe_modes import add_rank_maps, ramp_truncations, train_mode, train_steps_split  # noqa: E402
+from recipe_modes import (  # noqa: E402
+    add_rank_maps,
+    low_truncations_only,
+    ramp_truncations,
+    train_mode,
+    train_steps_split,
+)
 
 from common import DATA, train_steps  # noqa: E402
 
@@ -137,7 +143,9 @@ class Study:
             ramp_truncations(model, steps * self.args.batch_size, anneal=mode == "anneal")
         if mode == "maps":
             add_rank_maps(model)
-        one_pass = mode in (None, "ramp", "anneal", "maps")
+        if mode == "low":
+            low_truncations_only(model)
+        one_pass = mode in (None, "ramp", "anneal", "maps", "low")
         clip, norms = {}, []
         if self.args.max_grad_norm is not None:
             if not one_pass:
