@@ -158,7 +158,8 @@ def low_truncations_only(model) -> None:
     keeps the config's probability, and that of the ranks above it (8 and 16 of 32 at the log2 defaults) goes to
     full rank. Plain LoRA's SVD truncation at r / 4 and up is within ~2.5% of its full rank on both tasks (cmudict
     180 clipped: +2.3% at 8), where the default's truncation is no better, so draws there buy nothing at those ranks
-    and still take their rows' signal from full rank."""
+    and still take their rows' signal from full rank. Measured at 180 steps, clipped: 0.004-0.006 better than the
+    default at every rank on the cmudict mean (three seeds), inside the spread; not adopted."""
     sampler = model_sampler(model)
     configured = sampler.probabilities
 
