@@ -142,12 +142,21 @@ def ramp_truncations(model, total_draws: int, anneal: bool = False) -> None:
     done (draws made / `total_draws`), so training starts as plain LoRA and ends at the config's distribution.
     `anneal`: times the share left instead, from the config's distribution to plain LoRA (CoTo, arXiv 2506.05713)."""
     sampler = model_sampler(model)
+
+    def scale(k: int, r: int) -> float:
+        done = min(1.0, sampler.draws / total_draws)
+        return 1.0 - done if anneal else done
+
+    _scale_truncations(sampler, scale)
+
+
+def _scale_truncations(sampler: RankSampler, scale) -> None:
+    """Each truncated rank k of a layer of rank r is drawn with the config's probability times `scale(k, r)` (read at
+    every draw); what that takes away goes to full rank."""
     configured = sampler.probabilities
 
     def probabilities(r: int) -> dict[int, float]:
-        done = min(1.0, sampler.draws / total_draws)
-        scale = 1.0 - done if anneal else done
-        probs = {k: p * scale for k, p in configured(r).items() if k != r}
+        probs = {k: p * scale(k, r) for k, p in configured(r).items() if k != r}
         return {**probs, r: 1.0 - sum(probs.values())}
 
     sampler.probabilities = probabilities
@@ -160,14 +169,7 @@ def low_truncations_only(model) -> None:
     180 clipped: +2.3% at 8), where the default's truncation is no better, so draws there buy nothing at those ranks
     and still take their rows' signal from full rank. Measured at 180 steps, clipped: 0.004-0.006 better than the
     default at every rank on the cmudict mean (three seeds), inside the spread; not adopted."""
-    sampler = model_sampler(model)
-    configured = sampler.probabilities
-
-    def probabilities(r: int) -> dict[int, float]:
-        probs = {k: p for k, p in configured(r).items() if k <= r // 8}
-        return {**probs, r: 1.0 - sum(probs.values())}
-
-    sampler.probabilities = probabilities
+    _scale_truncations(model_sampler(model), lambda k, r: float(k <= r // 8))
 
 
 def _signed(m: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
