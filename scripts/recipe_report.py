@@ -1,4 +1,5 @@
-"""Tables and plots for scripts/recipe_study.py: one PNG per (task, steps), one markdown file per study JSON.
+"""Tables and plots for scripts/recipe_study.py: one PNG per (task, steps), one markdown file per study JSON, and
+(`--ratio-png`) one picture of the elastic arms over plain LoRA's SVD truncation across studies.
 
 Each arm's learning rate is chosen on dev, at seed 0: an elastic arm by its mean dev loss over the uniform ranks (what
 it delivers is every truncation), plain LoRA at r_max by its full rank, a grid LoRA at its rank. Numbers are test
@@ -74,12 +75,17 @@ def _stem(out: Path, task: str) -> str:
     return task if out.stem == task else out.stem
 
 
-def write_report(results: dict, out: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_report(results: dict, out: Path) -> None:
+    plt = _pyplot()
     picked = chosen(list(results["runs"].values()))
     clipped = f" Gradient clipped at norm {results['max_grad_norm']:g}." if results.get("max_grad_norm") else ""
     lines = [
@@ -153,8 +159,69 @@ def write_report(results: dict, out: Path) -> None:
     print("\n".join(lines))
 
 
-if __name__ == "__main__":
-    import sys
+def paired_ratios(results: dict, arm: str) -> dict[tuple[str, int], dict[str, list[float]]]:
+    """(task, steps) -> rank -> per-seed L_arm(k) / L_svd(k): the arm against plain LoRA's SVD truncation of the same
+    seed, both at their chosen lr (pairing by seed takes out what the seed does to both)."""
+    picked = chosen(list(results["runs"].values()))
+    out = {}
+    for (task, steps, name), entries in picked.items():
+        plain = {e["seed"]: e for e in picked.get((task, steps, "lora"), [])}
+        if name != arm or not plain:
+            continue
+        ratios = defaultdict(list)
+        for e in entries:
+            if e["seed"] in plain:
+                for k, v in e["test"].items():
+                    ratios[k].append(v / plain[e["seed"]]["svd"]["test"][k])
+        if ratios:
+            out[(task, steps)] = dict(ratios)
+    return out
 
-    path = Path(sys.argv[1])
-    write_report(json.loads(path.read_text()), path)
+
+def write_ratio_plot(paths: list[Path], png: Path, arms: tuple[str, ...] = ("default", "full_rank_prob=0.75")) -> None:
+    """One picture of goal 1 across studies: each arm's test loss over plain LoRA's SVD truncation (same seed) at every
+    rank, one line per (task, steps); below 1 the elastic adapter is the better one."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+    for path in paths:
+        results = json.loads(path.read_text())
+        for arm in arms:
+            for (task, steps), ratios in sorted(paired_ratios(results, arm).items()):
+                ks = sorted(ratios, key=int)
+                n = min(len(v) for v in ratios.values())
+                means = [statistics.mean(ratios[k]) for k in ks]
+                spread = [(max(ratios[k]) - min(ratios[k])) / 2 for k in ks]
+                style = "o-" if arm == "default" else "^:"
+                label = f"{task} {steps} steps, {arm} ({n} seed{'s' * (n > 1)})"
+                colour = next(colours)
+                for ax in axes:
+                    ax.errorbar([int(k) for k in ks], means, yerr=spread, fmt=style, capsize=3, label=label,
+                                color=colour)  # fmt: skip
+    for ax in axes:
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank k (every module)")
+    axes[0].set_ylabel("test loss / plain LoRA SVD-truncated (same seed)")
+    axes[1].set_xlim(3, 40)  # the large ranks, where the two routes are within a few percent
+    axes[1].set_ylim(0.96, 1.06)
+    axes[1].set_title("ranks 4 and up")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Elastic against plain LoRA + SVD truncation, per seed: below 1, elastic is better (goal 1)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json", type=Path, nargs="+", help="study JSONs; their tables and plots go next to them")
+    parser.add_argument("--ratio-png", type=Path, help="draw only the goal-1 ratio plot of every JSON given, here")
+    args = parser.parse_args()
+    if args.ratio_png:
+        write_ratio_plot(args.json, args.ratio_png)
+    else:
+        for path in args.json:
+            write_report(json.loads(path.read_text()), path)
