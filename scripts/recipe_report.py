@@ -8,6 +8,7 @@ loss at that lr, the mean over the seeds run there, with the spread (max - min) 
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections import defaultdict
@@ -165,9 +166,9 @@ def paired_ratios(results: dict, arm: str) -> dict[tuple[str, int], dict[str, li
     picked = chosen(list(results["runs"].values()))
     out = {}
     for (task, steps, name), entries in picked.items():
-        plain = {e["seed"]: e for e in picked.get((task, steps, "lora"), [])}
-        if name != arm or not plain:
+        if name != arm:
             continue
+        plain = {e["seed"]: e for e in picked.get((task, steps, "lora"), [])}
         ratios = defaultdict(list)
         for e in entries:
             if e["seed"] in plain:
@@ -183,7 +184,7 @@ def write_ratio_plot(paths: list[Path], png: Path, arms: tuple[str, ...] = ("def
     rank, one line per (task, steps); below 1 the elastic adapter is the better one."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)
+    colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for path in paths:
         results = json.loads(path.read_text())
         for arm in arms:
