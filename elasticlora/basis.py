@@ -32,20 +32,23 @@ def svd_basis(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Ten
     """(M, N), r x r in fp32, with `N M = I` and `B A = (B N)(M A)`, whose k leading components give the best rank-k
     approximation of `B A`.
 
-    With `A A^T = L L^T` (L = Q diag(sqrt(lam)) from its eigendecomposition) the rows of `L^-1 A` are orthonormal, so
-    the singular vectors of `B A` are those of `B L`: `(B L)^T (B L) = V diag(s^2) V^T`, and M = V^T L^-1, N = L V.
-    O((in + out) r^2): two Gram matrices and two r x r eigendecompositions, with no host synchronisation. Non-finite
-    factors (a diverged run) give a finite basis, so the outputs are non-finite as plain LoRA's are.
+    With `A A^T = L L^T` (Cholesky) the rows of `L^-1 A` are orthonormal, so the singular vectors of `B A` are those
+    of `B L`: `(B L)^T (B L) = V diag(s^2) V^T`, and M = V^T L^-1, N = L V. O((in + out) r^2): two
+    Gram matrices, one Cholesky factorisation and one r x r eigendecomposition, with no host synchronisation. A
+    jitter of r * eps of the largest diagonal entry keeps the factorisation defined for a rank-deficient A (its null
+    directions carry nothing of `B A`). Non-finite factors (a diverged run) give a finite basis, so the outputs are
+    non-finite as plain LoRA's are.
     """
     with _one_cpu_thread(weight_a.device), torch.autocast(weight_a.device.type, enabled=False):
         a, b = weight_a.float(), weight_b.float()
-        lam, q = torch.linalg.eigh(torch.nan_to_num(a @ a.T, 0.0, 0.0, 0.0))  # defined however ill-conditioned A is
-        root = lam.clamp_min(lam.max().clamp_min(1e-30) * 1e-12).sqrt()  # a rank-deficient A: whiten its range
-        low, low_inv = q * root, (q / root).T
+        gram = torch.nan_to_num(a @ a.T, 0.0, 0.0, 0.0)
+        r = gram.shape[0]
+        gram.diagonal().add_(gram.diagonal().amax().clamp_min(1e-30) * (r * torch.finfo(torch.float32).eps))
+        low = torch.linalg.cholesky_ex(gram)[0]
         bl = b @ low
         _, v = torch.linalg.eigh(torch.nan_to_num(bl.T @ bl, 0.0, 0.0, 0.0))
         v = v.flip(-1)  # by decreasing singular value
-        return v.T @ low_inv, low @ v
+        return torch.linalg.solve_triangular(low.T, v, upper=True).T, low @ v
 
 
 def _factor_key(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:

@@ -8,6 +8,7 @@ weights and optimizer state are identical. On CUDA the peak allocated memory of 
     python scripts/bench_overhead.py                      # tiny model and SmolLM2-135M, CPU
     python scripts/bench_overhead.py --models smollm2 --device cuda --batch-size 16 --seq-len 512
     python scripts/bench_overhead.py --truncation-only    # the truncation op alone, against separate autograd ops
+    python scripts/bench_overhead.py --basis-only         # one layer's singular-basis refresh (svd_basis)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from peft import LoraConfig, get_peft_model
 from recipe_study import parse_arm
 
 from elasticlora import ElasticLoraConfig
+from elasticlora.basis import svd_basis
 from elasticlora.layer import truncate
 from elasticlora.loading import load_model_and_tokenizer
 from elasticlora.sampler import Truncation
@@ -169,6 +171,27 @@ def bench_truncation(args, device: torch.device) -> dict:
     return result
 
 
+def bench_basis(args, device: torch.device) -> dict:
+    """`svd_basis` of one layer, the refresh that training runs every `basis_refresh_steps` steps, at the layer
+    shapes of the tiny model (256 x 256) and of SmolLM2-135M's MLP (576 x 1536)."""
+    result = {"rank": args.rank}
+    for fan_in, fan_out in ((256, 256), (576, 1536)):
+        generator = torch.Generator().manual_seed(0)
+        weight_a = (torch.randn(args.rank, fan_in, generator=generator) / fan_in**0.5).to(device)
+        weight_b = (torch.randn(fan_out, args.rank, generator=generator) * 0.01).to(device)
+        times = []
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            for _ in range(50):
+                svd_basis(weight_a, weight_b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append((time.perf_counter() - start) / 50)
+        result[f"{fan_in}x{fan_out}_us_median"] = statistics.median(times) * 1e6
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
@@ -182,8 +205,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead.json"))
     parser.add_argument("--truncation-only", action="store_true", help="time the truncation op alone")
+    parser.add_argument("--basis-only", action="store_true", help="time one layer's singular-basis refresh")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.basis_only:
+        result = bench_basis(args, device)
+        report = {"date": str(date.today()), "machine": machine_name(device), "torch": torch.__version__, **result}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
     if args.truncation_only:
         result = bench_truncation(args, device)
         report = {"date": str(date.today()), "machine": machine_name(device), "torch": torch.__version__, **result}

@@ -188,6 +188,33 @@ def test_the_basis_is_fp32_under_bf16_autocast():
     assert torch.allclose(factor_b @ factor_a, best_rank_k(delta, 2), atol=1e-5)
 
 
+@pytest.mark.parametrize("a_kind", ["rank-deficient", "ill-conditioned", "zero"])
+def test_the_basis_of_a_degenerate_a_is_finite_and_still_the_best(a_kind):
+    """The Cholesky factorisation of `A A^T` stays defined when A has null directions or a condition number of 1e3
+    (its jitter is r * eps): `N M = I` and the rank-k truncations are the best ones to 1e-4 of the update."""
+    torch.manual_seed(0)
+    r, b = 16, torch.randn(48, 16)
+    a = {
+        "rank-deficient": torch.cat([torch.randn(8, 32), torch.zeros(8, 32)]),
+        "ill-conditioned": (torch.linalg.qr(torch.randn(32, r))[0] * torch.logspace(0, -3, r)).T,
+        "zero": torch.zeros(r, 32),
+    }[a_kind]
+    m, n = svd_basis(a, b)
+    assert torch.isfinite(m).all() and torch.isfinite(n).all()
+    assert torch.allclose(n @ m, torch.eye(r), atol=1e-3)
+    delta = b @ a
+    for k in (1, 4, 8):
+        truncated = (b @ n[:, :k]) @ (m[:k] @ a)
+        assert (truncated - best_rank_k(delta, k)).norm() <= 1e-4 * delta.norm() + 1e-30
+
+
+def test_a_diverged_factor_gives_a_finite_basis():
+    a, b = torch.randn(8, 32), torch.randn(48, 8)
+    a[0, 0], b[1, 1] = float("inf"), float("nan")
+    m, n = svd_basis(a, b)
+    assert torch.isfinite(m).all() and torch.isfinite(n).all()
+
+
 def test_training_recomputes_the_basis_every_basis_refresh_steps_optimizer_steps():
     """Between refreshes a truncated training example is projected with the basis of the last refresh; the
     micro-batches of an accumulated step count as one step; eval always uses the current basis."""
