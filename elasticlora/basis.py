@@ -7,6 +7,7 @@ A truncation to rank k keeps the top k singular directions of the layer's update
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -33,22 +34,41 @@ def svd_basis(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Ten
     approximation of `B A`.
 
     With `A A^T = L L^T` (Cholesky) the rows of `L^-1 A` are orthonormal, so the singular vectors of `B A` are those
-    of `B L`: `(B L)^T (B L) = V diag(s^2) V^T`, and M = V^T L^-1, N = L V. O((in + out) r^2): two
-    Gram matrices, one Cholesky factorisation and one r x r eigendecomposition, with no host synchronisation. A
-    jitter of r * eps of the largest diagonal entry keeps the factorisation defined for a rank-deficient A (its null
-    directions carry nothing of `B A`). Non-finite factors (a diverged run) give a finite basis, so the outputs are
-    non-finite as plain LoRA's are.
+    of `B L`: `(B L)^T (B L) = L^T (B^T B) L = V diag(s^2) V^T`, and M = V^T L^-1, N = L V. O((in + out) r^2): two
+    Gram matrices, one Cholesky factorisation and one r x r eigendecomposition. A jitter of r * eps of the largest
+    diagonal entry keeps the factorisation defined for a rank-deficient A (its null directions carry nothing of
+    `B A`). Non-finite factors (a diverged run) give a finite basis, so the outputs are non-finite as plain LoRA's are.
     """
-    with _one_cpu_thread(weight_a.device), torch.autocast(weight_a.device.type, enabled=False):
-        a, b = weight_a.float(), weight_b.float()
-        gram = torch.nan_to_num(a @ a.T, 0.0, 0.0, 0.0)
-        r = gram.shape[0]
-        gram.diagonal().add_(gram.diagonal().amax().clamp_min(1e-30) * (r * torch.finfo(torch.float32).eps))
-        low = torch.linalg.cholesky_ex(gram)[0]
-        bl = b @ low
-        _, v = torch.linalg.eigh(torch.nan_to_num(bl.T @ bl, 0.0, 0.0, 0.0))
-        v = v.flip(-1)  # by decreasing singular value
-        return torch.linalg.solve_triangular(low.T, v, upper=True).T, low @ v
+    return svd_bases([(weight_a, weight_b)])[0]
+
+
+@torch.no_grad()
+def svd_bases(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`svd_basis` of every `(A, B)` pair, batched: after the two Gram matrices of each layer, one call per op for
+    all layers of the same rank and device. On a GPU `eigh` synchronises with the host, so this is one
+    synchronisation per refresh instead of one per layer."""
+    bases: list = [None] * len(factors)
+    batches: dict[tuple, list[int]] = {}
+    for i, (weight_a, _) in enumerate(factors):
+        batches.setdefault((weight_a.shape[0], weight_a.device), []).append(i)
+    for (r, device), members in batches.items():
+        with _one_cpu_thread(device), torch.autocast(device.type, enabled=False):
+            grams_a, grams_b = [], []
+            for i in members:
+                a, b = factors[i][0].float(), factors[i][1].float()
+                grams_a.append(a @ a.T)
+                grams_b.append(b.T @ b)
+            gram_a = torch.nan_to_num(torch.stack(grams_a), 0.0, 0.0, 0.0)
+            diagonal = gram_a.diagonal(dim1=-2, dim2=-1)
+            diagonal.add_(diagonal.amax(-1, keepdim=True).clamp_min(1e-30) * (r * torch.finfo(torch.float32).eps))
+            low = torch.linalg.cholesky_ex(gram_a)[0]
+            gram_bl = low.mT @ torch.nan_to_num(torch.stack(grams_b), 0.0, 0.0, 0.0) @ low
+            _, v = torch.linalg.eigh(torch.nan_to_num(gram_bl, 0.0, 0.0, 0.0))
+            v = v.flip(-1)  # by decreasing singular value
+            m, n = torch.linalg.solve_triangular(low.mT, v, upper=True).mT, low @ v
+        for j, i in enumerate(members):
+            bases[i] = (m[j], n[j])
+    return bases
 
 
 def _factor_key(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:
@@ -63,12 +83,15 @@ class BasisCache:
     of the factors between training forwards, so the micro-batches of an accumulated step count once, and a forward
     that gradient checkpointing recomputes during backward (the factors have not changed since) reuses what its
     first run used. A stale basis still gives exact full-rank rows and a rank-k truncation, only not the best one.
+    The first layer of a `BasisGroup` whose refresh falls due refreshes every due layer of the group in one batch.
     """
 
-    def __init__(self, refresh_steps: int = 1):
+    def __init__(self, refresh_steps: int = 1, group: BasisGroup | None = None):
         self.refresh_steps = refresh_steps
+        self.group = BasisGroup() if group is None else group
         self._current: tuple | None = None  # (key, M, N, {k: prefix factors})
         self._training: dict | None = None
+        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None  # the factors of the last training forward
 
     def current(self, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, N) of the factors as they are now, in fp32."""
@@ -90,15 +113,53 @@ class BasisCache:
 
     def training(self, weight_a: torch.Tensor, weight_b: torch.Tensor, dtype: torch.dtype) -> tuple:
         """(M, N) in `dtype` for a training forward: recomputed every `refresh_steps` optimizer steps."""
-        key = _factor_key(weight_a, weight_b)
+        self._factors = (weight_a, weight_b)
+        if self._due():
+            self.group.refresh(self)
         cached = self._training
-        if cached is None or cached["key"] != key:
-            if cached is None or cached["age"] + 1 >= self.refresh_steps:
-                cached = {"basis": self.current(weight_a, weight_b), "age": 0}
-            else:
-                cached["age"] += 1
-            cached["key"] = key
-            self._training = cached
+        key = _factor_key(weight_a, weight_b)
+        if cached["key"] != key:  # a step between refreshes: the basis ages
+            cached.update(key=key, age=cached["age"] + 1)
         if cached.get("dtype") != dtype:
             cached.update(dtype=dtype, cast=tuple(t.to(dtype) for t in cached["basis"]))
         return cached["cast"]
+
+    def _due(self) -> bool:
+        """Whether the factors of the last training forward have changed `refresh_steps` times since the basis."""
+        cached = self._training
+        if cached is None:
+            return True
+        return cached["key"] != _factor_key(*self._factors) and cached["age"] + 1 >= self.refresh_steps
+
+    def _has_current(self) -> bool:
+        return self._current is not None and self._current[0] == _factor_key(*self._factors)
+
+    def _refresh(self, basis: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Train with the basis of the last training forward's factors: `basis`, or the current one if None."""
+        key = _factor_key(*self._factors)
+        if basis is not None:
+            self._current = (key, *basis, {})
+        self._training = {"basis": self._current[1:3], "age": 0, "key": key}
+
+
+class BasisGroup:
+    """The basis caches of one adapter's layers, refreshed together: the layer that finds its refresh due first
+    refreshes every member that is due too (all of them, when the optimizer steps every layer), with one batched
+    `svd_bases` call. A cache joins when its own refresh first falls due."""
+
+    def __init__(self):
+        self._members: weakref.WeakSet[BasisCache] = weakref.WeakSet()
+
+    def refresh(self, cache: BasisCache) -> None:
+        self._members.add(cache)
+        due = [member for member in self._members if member._factors is not None and member._due()]
+        stale = [member for member in due if not member._has_current()]
+        bases = dict(zip(stale, svd_bases([member._factors for member in stale])))
+        for member in due:
+            member._refresh(bases.get(member))
+
+    def __deepcopy__(self, memo) -> BasisGroup:
+        """An empty group: the copied caches join it when their next refresh falls due."""
+        copy = BasisGroup()
+        memo[id(self)] = copy
+        return copy

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._peft_compat import LoraLayer, LoraLinear, LoraVariant, transpose
-from .basis import BasisCache
+from .basis import BasisCache, BasisGroup
 from .sampler import RankSampler, Truncation
 
 
@@ -35,6 +35,11 @@ def sampler_of(config) -> RankSampler:
     if "_rank_sampler" not in config.__dict__:
         config.__dict__["_rank_sampler"] = RankSampler.from_config(config)
     return config.__dict__["_rank_sampler"]
+
+
+def basis_group_of(config) -> BasisGroup:
+    """The one `BasisGroup` of every layer built from `config`: their bases are refreshed together."""
+    return config.__dict__.setdefault("_basis_group", BasisGroup())
 
 
 @dataclass
@@ -122,7 +127,7 @@ class ElasticVariant(LoraVariant):
             r=r,
             sampler=sampler,
             column=sampler.register(r),
-            basis=BasisCache(config.basis_refresh_steps),
+            basis=BasisCache(config.basis_refresh_steps, basis_group_of(config)),
             samples=sampler.samples(r),
         )
 

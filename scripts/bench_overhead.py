@@ -8,7 +8,7 @@ weights and optimizer state are identical. On CUDA the peak allocated memory of 
     python scripts/bench_overhead.py                      # tiny model and SmolLM2-135M, CPU
     python scripts/bench_overhead.py --models smollm2 --device cuda --batch-size 16 --seq-len 512
     python scripts/bench_overhead.py --truncation-only    # the truncation op alone, against separate autograd ops
-    python scripts/bench_overhead.py --basis-only         # one layer's singular-basis refresh (svd_basis)
+    python scripts/bench_overhead.py --basis-only         # the singular-basis refresh, per layer
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 from recipe_study import parse_arm
 
 from elasticlora import ElasticLoraConfig
-from elasticlora.basis import svd_basis
+from elasticlora.basis import svd_bases, svd_basis
 from elasticlora.layer import truncate
 from elasticlora.loading import load_model_and_tokenizer
 from elasticlora.sampler import Truncation
@@ -172,23 +172,33 @@ def bench_truncation(args, device: torch.device) -> dict:
 
 
 def bench_basis(args, device: torch.device) -> dict:
-    """`svd_basis` of one layer, the refresh that training runs every `basis_refresh_steps` steps, at the layer
-    shapes of the tiny model (256 x 256) and of SmolLM2-135M's MLP (576 x 1536)."""
+    """The singular-basis refresh that training runs every `basis_refresh_steps` steps, per layer: `svd_basis` on one
+    layer, and `svd_bases` on 28 layers at once (the tiny model's count), at the layer shapes of the tiny model
+    (256 x 256) and of SmolLM2-135M's MLP (576 x 1536)."""
     result = {"rank": args.rank}
     for fan_in, fan_out in ((256, 256), (576, 1536)):
         generator = torch.Generator().manual_seed(0)
-        weight_a = (torch.randn(args.rank, fan_in, generator=generator) / fan_in**0.5).to(device)
-        weight_b = (torch.randn(fan_out, args.rank, generator=generator) * 0.01).to(device)
-        times = []
-        for i in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            for _ in range(50):
-                svd_basis(weight_a, weight_b)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append((time.perf_counter() - start) / 50)
-        result[f"{fan_in}x{fan_out}_us_median"] = statistics.median(times) * 1e6
+        factors = [
+            (
+                (torch.randn(args.rank, fan_in, generator=generator) / fan_in**0.5).to(device),
+                (torch.randn(fan_out, args.rank, generator=generator) * 0.01).to(device),
+            )
+            for _ in range(28)
+        ]
+        for name, call, call_args, layers in (
+            ("one_layer", svd_basis, factors[0], 1),
+            ("28_layers_batched", svd_bases, (factors,), 28),
+        ):
+            times = []
+            for i in range(args.warmup + args.steps):
+                start = time.perf_counter()
+                for _ in range(50 // layers + 1):
+                    call(*call_args)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= args.warmup:
+                    times.append((time.perf_counter() - start) / ((50 // layers + 1) * layers))
+            result[f"{fan_in}x{fan_out}_{name}_us_per_layer"] = statistics.median(times) * 1e6
     return result
 
 

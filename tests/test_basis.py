@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, is_elastic_adapter, load_elastic
-from elasticlora.basis import svd_basis
+from elasticlora.basis import svd_bases, svd_basis
 from elasticlora.layer import elastic_delta_weight, prefix_factors, truncate
 from elasticlora.sampler import Truncation
 from elasticlora.shrink import sensitivity, shrink
@@ -243,6 +243,49 @@ def test_training_recomputes_the_basis_every_basis_refresh_steps_optimizer_steps
         layer.eval()  # eval: the best rank-2 update of the current factors, stale training basis or not
         full = elastic_delta_weight(layer, "default")
         assert torch.allclose(elastic_delta_weight(layer, "default", 2), best_rank_k(full, 2), atol=1e-5)
+
+
+def test_every_layer_of_an_adapter_refreshes_in_one_batch(monkeypatch, input_ids):
+    """After the first pass, the first layer whose refresh falls due refreshes all of them with one `svd_bases`
+    call (one host synchronisation on a GPU), and each gets the basis `svd_basis` gives its own factors."""
+    calls = []
+
+    def counted(factors):
+        calls.append(len(factors))
+        return svd_bases(factors)
+
+    monkeypatch.setattr("elasticlora.basis.svd_bases", counted)
+    model = svd_model(basis_refresh_steps=2, full_rank_prob=0.0, lora_dropout=0.0)
+    layers = elastic_layers(model).values()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for step in range(5):
+        calls.clear()
+        model(input_ids, labels=input_ids).loss.backward()
+        # the first pass refreshes each layer as it joins; then every second step refreshes all of them at once
+        assert calls == {0: [1] * len(layers), 2: [len(layers)], 4: [len(layers)]}.get(step, []), step
+        for layer in layers:
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            m, n = layer.elastic_state["default"].basis.training(a, b, torch.float32)
+            expected_m, expected_n = svd_basis(a, b) if step % 2 == 0 else (m, n)
+            assert torch.allclose(n[:, :2] @ m[:2], expected_n[:, :2] @ expected_m[:2], atol=1e-4)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_copied_model_refreshes_its_own_layers_only(input_ids):
+    model = svd_model(basis_refresh_steps=1, full_rank_prob=0.0, lora_dropout=0.0).train()
+    model(input_ids, labels=input_ids)
+    copied = copy.deepcopy(model)
+    before = [layer.elastic_state["default"].basis._training for layer in elastic_layers(model).values()]
+    optimizer = torch.optim.SGD([p for p in copied.parameters() if p.requires_grad], lr=0.5)
+    copied(input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    copied(input_ids, labels=input_ids)  # due in every copied layer
+    after = [layer.elastic_state["default"].basis._training for layer in elastic_layers(model).values()]
+    assert all(b is a for a, b in zip(before, after))
+    copied_caches = [layer.elastic_state["default"].basis for layer in elastic_layers(copied).values()]
+    assert all(cache._training["age"] == 0 and cache._has_current() for cache in copied_caches)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
