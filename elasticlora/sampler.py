@@ -212,6 +212,15 @@ class RankSampler:
         return None if self._last is None else self._last.table[:, column].clone()
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, without waiting for the work queued there: a copy from pageable host memory to a
+    GPU waits until the stream is idle, one from pinned memory does not (PyTorch's caching host allocator keeps the
+    pinned source until the copy is done)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class Truncation:
     """The truncated rows of one layer call: `rows` (indices on the device; None: every row) keep their first `k`
     singular components, times `keep` (n_rows, 1, ..., k) where their ranks differ (None: all at rank `k`)."""
@@ -220,11 +229,11 @@ class Truncation:
         truncated = (ranks < r).nonzero().squeeze(1)
         kept = ranks[truncated]
         self.k = int(kept.max())
-        self.rows = None if len(truncated) == len(ranks) else truncated.to(h.device, non_blocking=True)
+        self.rows = None if len(truncated) == len(ranks) else _to_device(truncated, h.device)
         self.keep = None
         if (kept != self.k).any():
             keep = (torch.arange(self.k) < kept[:, None]).to(h.dtype)  # (n_rows, k)
-            self.keep = keep.view(len(kept), *(1,) * (h.dim() - 2), self.k).to(h.device, non_blocking=True)
+            self.keep = _to_device(keep.view(len(kept), *(1,) * (h.dim() - 2), self.k), h.device)
 
 
 class _Pass:
