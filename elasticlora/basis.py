@@ -114,22 +114,20 @@ class BasisCache:
     def training(self, weight_a: torch.Tensor, weight_b: torch.Tensor, dtype: torch.dtype) -> tuple:
         """(M, N) in `dtype` for a training forward: recomputed every `refresh_steps` optimizer steps."""
         self._factors = (weight_a, weight_b)
-        if self._due():
+        key = _factor_key(weight_a, weight_b)
+        if self._due(key):
             self.group.refresh(self)
         cached = self._training
-        key = _factor_key(weight_a, weight_b)
         if cached["key"] != key:  # a step between refreshes: the basis ages
             cached.update(key=key, age=cached["age"] + 1)
         if cached.get("dtype") != dtype:
             cached.update(dtype=dtype, cast=tuple(t.to(dtype) for t in cached["basis"]))
         return cached["cast"]
 
-    def _due(self) -> bool:
-        """Whether the factors of the last training forward have changed `refresh_steps` times since the basis."""
+    def _due(self, key: tuple) -> bool:
+        """Whether factors with `key` have changed `refresh_steps` times since the training basis."""
         cached = self._training
-        if cached is None:
-            return True
-        return cached["key"] != _factor_key(*self._factors) and cached["age"] + 1 >= self.refresh_steps
+        return cached is None or (cached["key"] != key and cached["age"] + 1 >= self.refresh_steps)
 
     def _has_current(self) -> bool:
         return self._current is not None and self._current[0] == _factor_key(*self._factors)
@@ -152,7 +150,7 @@ class BasisGroup:
 
     def refresh(self, cache: BasisCache) -> None:
         self._members.add(cache)
-        due = [member for member in self._members if member._factors is not None and member._due()]
+        due = [m for m in self._members if m._factors is not None and m._due(_factor_key(*m._factors))]
         stale = [member for member in due if not member._has_current()]
         bases = dict(zip(stale, svd_bases([member._factors for member in stale])))
         for member in due:

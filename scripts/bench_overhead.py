@@ -202,6 +202,14 @@ def bench_basis(args, device: torch.device) -> dict:
     return result
 
 
+def write_report(args, device: torch.device, result: dict) -> dict:
+    """`result` with the date, machine and torch version, written to `--out`."""
+    report = {"date": str(date.today()), "machine": machine_name(device), "torch": torch.__version__, **result}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"])
@@ -215,22 +223,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead.json"))
     parser.add_argument("--truncation-only", action="store_true", help="time the truncation op alone")
-    parser.add_argument("--basis-only", action="store_true", help="time one layer's singular-basis refresh")
+    parser.add_argument("--basis-only", action="store_true", help="time the basis refresh per layer")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.basis_only:
-        result = bench_basis(args, device)
-        report = {"date": str(date.today()), "machine": machine_name(device), "torch": torch.__version__, **result}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
+        print(json.dumps(write_report(args, device, bench_basis(args, device)), indent=2))
         return
     if args.truncation_only:
         result = bench_truncation(args, device)
-        report = {"date": str(date.today()), "machine": machine_name(device), "torch": torch.__version__, **result}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
-        print(json.dumps(report, indent=2))
+        print(json.dumps(write_report(args, device, result), indent=2))
         print(
             f"truncation, fwd + bwd: {result['library_us_median']:.0f} us (one op) against "
             f"{result['separate_ops_us_median']:.0f} us (separate ops), {result['ratio']:.3f}x"
@@ -241,14 +242,7 @@ def main() -> None:
         base = tiny_model() if name == "tiny" else load_model_and_tokenizer(name)[0]
         results.append(run(name, base, args, device))
         print(json.dumps(results[-1], indent=2), flush=True)
-    report = {
-        "date": str(date.today()),
-        "machine": machine_name(device),
-        "torch": torch.__version__,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    report = write_report(args, device, {"results": results})
     print("\n| model | rank | batch | step time elastic / LoRA, median | mean | saved activations elastic / LoRA |")
     print("|---|---|---|---|---|---|")
     for r in results:
