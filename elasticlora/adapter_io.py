@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 
 from .config import ELASTIC_FIELDS, ElasticLoraConfig
-from .ranks import attach_sampler
+from .model import attach_sampler
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

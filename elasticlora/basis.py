@@ -6,26 +6,9 @@ A truncation to rank k keeps the top k singular directions of the layer's update
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Iterator
 
 import torch
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run r x r linear algebra on one CPU thread: LAPACK's threads cost far more than these small problems (one
-    32 x 32 `eigh` took 1-20 ms on two threads of a busy 2-core CPU against 0.08 ms on one)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -52,7 +35,7 @@ def svd_bases(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[to
     for i, (weight_a, _) in enumerate(factors):
         batches.setdefault((weight_a.shape[0], weight_a.device), []).append(i)
     for (r, device), members in batches.items():
-        with _one_cpu_thread(device), torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
             grams_a, grams_b = [], []
             for i in members:
                 a, b = factors[i][0].float(), factors[i][1].float()

@@ -1,9 +1,11 @@
-"""Watch the rank-quality curve form while training: eval loss at a few truncated ranks at every evaluation.
+"""Trainer callbacks: keep the rank draws across checkpoints, and watch the rank-quality curve form.
 
     trainer = Trainer(model=elastic_model, args=..., eval_dataset=...)      # or trl.SFTTrainer
+    trainer.add_callback(ElasticLoraCallback())   # resume_from_checkpoint continues the draw sequence
     add_rank_curve(trainer, ranks=(1, 4, 16, None))                         # logs eval_loss@r1, ... eval_loss@full
 
-For a custom loop, `rank_curve(model, batches)` returns the same numbers.
+For a custom loop, `rank_curve(model, batches)` returns the same numbers, and `elastic_runtimes(model)[adapter]`'s
+`state_dict()` / `load_state_dict()` carry the draw position through your own checkpoints.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .evaluate import eval_loss
+from .model import elastic_runtimes
 from .ranks import at_ranks
 
 DEFAULT_RANKS = (1, 4, 16, None)
@@ -71,7 +75,36 @@ class RankCurveCallback(TrainerCallback):
 
 
 def add_rank_curve(trainer, ranks: Sequence[int | None] = DEFAULT_RANKS, max_batches: int | None = None):
-    """Attach a `RankCurveCallback` to a transformers `Trainer` or TRL `SFTTrainer`; returns the callback."""
+    """Attach a `RankCurveCallback` to a transformers `Trainer` or TRL `SFTTrainer`, and an `ElasticLoraCallback`
+    if it has none; returns the rank-curve callback."""
     callback = RankCurveCallback(ranks, trainer=trainer, max_batches=max_batches)
     trainer.add_callback(callback)
+    if not any(isinstance(cb, ElasticLoraCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.add_callback(ElasticLoraCallback())
     return callback
+
+
+class ElasticLoraCallback(TrainerCallback, ExportableState):
+    """Saves where each elastic adapter is in its rank-draw sequence with every Trainer checkpoint
+    (`trainer_state.json`, as transformers saves any stateful callback) and restores it when training resumes from
+    one, so a resumed run draws what the uninterrupted run would have drawn. Without it a resumed run starts the
+    sequence again from its first draw."""
+
+    def __init__(self):
+        self.draw_state: dict[str, dict[str, int]] | None = None  # restored by Trainer from a checkpoint
+        self._model = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model
+        if model is not None and self.draw_state:
+            runtimes = elastic_runtimes(model)
+            for adapter, draws in self.draw_state.items():
+                if adapter in runtimes:
+                    runtimes[adapter].load_state_dict(draws)
+        return control
+
+    def state(self) -> dict:
+        draws = None
+        if self._model is not None:
+            draws = {adapter: runtime.state_dict() for adapter, runtime in elastic_runtimes(self._model).items()}
+        return {"args": {}, "attributes": {"draw_state": draws}}

@@ -77,11 +77,10 @@ class ElasticLoraConfig(LoraConfig):
         default=0.5,
         metadata={
             "help": (
-                "Probability that a draw trains the full rank r, on top of the sampler's share of r: the part of "
-                "the data that trains the full adapter exactly as plain LoRA would; the rest trains truncations. "
-                "It sets the trade-off between small and large ranks: with the gradient clipped at norm 1, 0.75 "
-                "left the full adapter 1.5% (0.5: 3.3%) behind plain LoRA after a short run, at a 6% cost at rank "
-                "1, and matched it from rank 8 up after a long one (docs/recipe_study.md)."
+                "Probability that a draw trains the full rank r, on top of the sampler's share of r: that part of the "
+                "data trains the full adapter exactly as plain LoRA would, the rest trains truncations. Higher "
+                "values favour the full adapter, lower ones the small truncations (docs/results.md measures the "
+                "trade-off)."
             )
         },
     )
@@ -106,11 +105,9 @@ class ElasticLoraConfig(LoraConfig):
         default=4,
         metadata={
             "help": (
-                "Training recomputes each layer's singular basis every this many "
-                "optimizer steps and reuses it in between; eval, shrink and export always use the current one. "
-                "Recomputing every step (1) cost 1.23x / 1.11x a LoRA step (tiny model / SmolLM2, CPU) against "
-                "1.05x / 1.01x at 4, with test loss within the seed spread (docs/recipe_study.md). A stale basis "
-                "still gives exact full-rank steps and rank-k truncations, only not the best rank-k ones."
+                "Training recomputes each layer's singular basis every this many optimizer steps and reuses it in "
+                "between; eval, shrink and export always use the current one. A stale basis still gives exact "
+                "full-rank steps and rank-k truncations, only not the best rank-k ones."
             )
         },
     )

@@ -1,26 +1,49 @@
-"""Which elastic layer replaces which base layer: the factories `ElasticLoraConfig` hands PEFT's custom dispatch."""
+"""Which elastic layer replaces which base layer: the factories `ElasticLoraConfig` hands PEFT's custom dispatch.
+
+bitsandbytes layers subclass `nn.Linear`, so the `nn.Linear` factory receives them too and builds the elastic layer
+over PEFT's bitsandbytes LoRA layer; bitsandbytes is imported only then, when a quantized model already has.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import sys
 
 import torch.nn as nn
 
 from ._peft_compat import bnb_4bit_kwargs, bnb_lora_layers, register_custom_modules
 from .layer import ElasticLayerMixin, ElasticLinear
 
-_BNB = bnb_lora_layers()  # {"8bit" | "4bit": (bitsandbytes layer, PEFT's LoRA layer over it)}
 
-if "8bit" in _BNB:
+@functools.cache
+def _elastic_bnb_layers() -> dict[str, tuple[type, type]]:
+    """{"8bit" | "4bit": (bitsandbytes layer type, its elastic layer)} for what this build provides."""
+    names = {"8bit": "ElasticLinear8bitLt", "4bit": "ElasticLinear4bit"}
+    return {
+        bits: (quantized, type(names[bits], (ElasticLayerMixin, lora_layer), {"__module__": __name__}))
+        for bits, (quantized, lora_layer) in bnb_lora_layers().items()
+    }
 
-    class ElasticLinear8bitLt(ElasticLayerMixin, _BNB["8bit"][1]):
-        """Elastic LoRA over an 8-bit bitsandbytes base layer."""
+
+def _quantized_layer(target: nn.Module) -> tuple[str, type] | None:
+    """("8bit" | "4bit", elastic layer type) when `target` wraps a bitsandbytes layer, else None."""
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if "bitsandbytes" not in sys.modules or not type(base).__module__.startswith("bitsandbytes"):
+        return None
+    for bits, (quantized, elastic) in _elastic_bnb_layers().items():
+        if isinstance(base, quantized):
+            return bits, elastic
+    return None
 
 
-if "4bit" in _BNB:
-
-    class ElasticLinear4bit(ElasticLayerMixin, _BNB["4bit"][1]):
-        """Elastic LoRA over a 4-bit (QLoRA nf4/fp4) bitsandbytes base layer."""
+def _make_linear(target: nn.Module, adapter_name: str, config, **kwargs) -> ElasticLayerMixin:
+    quantized = _quantized_layer(target)
+    if quantized is not None:
+        bits, elastic = quantized
+        extra = bnb_4bit_kwargs(target) if bits == "4bit" else {}
+        return elastic(target, adapter_name, config=config, **kwargs, **extra)
+    config.fan_in_fan_out = False
+    return ElasticLinear(target, adapter_name, config=config, **kwargs)
 
 
 def _make_conv1d(target: nn.Module, adapter_name: str, config, **kwargs) -> ElasticLinear:
@@ -29,29 +52,8 @@ def _make_conv1d(target: nn.Module, adapter_name: str, config, **kwargs) -> Elas
     return ElasticLinear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
 
 
-def _make_linear(target: nn.Module, adapter_name: str, config, **kwargs) -> ElasticLinear:
-    config.fan_in_fan_out = False
-    return ElasticLinear(target, adapter_name, config=config, **kwargs)
-
-
-def _make_8bit(target: nn.Module, adapter_name: str, config, **kwargs) -> ElasticLayerMixin:
-    return ElasticLinear8bitLt(target, adapter_name, config=config, **kwargs)
-
-
-def _make_4bit(target: nn.Module, adapter_name: str, config, **kwargs) -> ElasticLayerMixin:
-    return ElasticLinear4bit(target, adapter_name, config=config, **kwargs, **bnb_4bit_kwargs(target))
-
-
 def register_elastic_modules(config) -> None:
-    """Map the layer types elastic LoRA supports to their elastic layers, most specific first.
-
-    Order matters: PEFT's custom dispatch takes the first `isinstance` match, and bitsandbytes layers subclass
-    `nn.Linear`.
-    """
+    """Map the layer types elastic LoRA supports to their elastic layers (PEFT takes the first `isinstance` match)."""
     from transformers.pytorch_utils import Conv1D
 
-    factories = {"8bit": _make_8bit, "4bit": _make_4bit}
-    mapping: dict[type, Any] = {quantized: factories[bits] for bits, (quantized, _) in _BNB.items()}
-    mapping[Conv1D] = _make_conv1d
-    mapping[nn.Linear] = _make_linear
-    register_custom_modules(config, mapping)
+    register_custom_modules(config, {Conv1D: _make_conv1d, nn.Linear: _make_linear})

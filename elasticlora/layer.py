@@ -9,7 +9,8 @@ singular basis `B A = (B N)(M A)` (`basis.py`) and an input `x` of shape (B, ...
     y[b] = W0 x[b] + scaling * B h[b]                     # k_b = r
     y[b] = W0 x[b] + scaling * B N[:, :k_b] M[:k_b] h[b]  # k_b < r
 
-in training, with the rank `k_b` of example b drawn once per forward pass for every layer (`sampler.py`): full-rank
+in training, with the rank `k_b` of example b drawn once per forward pass for every layer (`sampler.py`, held with
+the basis group and the hooks by the adapter's `ElasticRuntime`, `runtime.py`): full-rank
 rows are exactly a plain LoRA step, and a truncated row still trains every component of A and B, through the top
 `k_b` singular directions of the current update (only the truncated rows pay for the extra r x k products). At a
 fixed rank k (eval, shrink, export) the layer computes `scaling * (B N[:, :k]) (M[:k] A) x`, the best rank-k
@@ -26,20 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._peft_compat import LoraLayer, LoraLinear, LoraVariant, transpose
-from .basis import BasisCache, BasisGroup
-from .sampler import RankSampler, Truncation
-
-
-def sampler_of(config) -> RankSampler:
-    """The one `RankSampler` of every layer built from `config` (made at the first layer, from the fields then)."""
-    if "_rank_sampler" not in config.__dict__:
-        config.__dict__["_rank_sampler"] = RankSampler.from_config(config)
-    return config.__dict__["_rank_sampler"]
-
-
-def basis_group_of(config) -> BasisGroup:
-    """The one `BasisGroup` of every layer built from `config`: their bases are refreshed together."""
-    return config.__dict__.setdefault("_basis_group", BasisGroup())
+from .basis import BasisCache
+from .runtime import ElasticRuntime, runtime_for_new_layer
+from .sampler import Truncation
 
 
 @dataclass
@@ -47,7 +37,7 @@ class ElasticState:
     """Per-(layer, adapter) runtime state; not part of the state dict."""
 
     r: int
-    sampler: RankSampler
+    runtime: ElasticRuntime  # the adapter's sampler, basis group and hooks, shared by its layers in one model
     column: int  # this layer's column in the sampler's draws
     basis: BasisCache
     samples: bool  # whether training ever truncates this layer
@@ -121,14 +111,14 @@ class ElasticVariant(LoraVariant):
     def init(module: LoraLayer, adapter_name: str, config: Any, **kwargs: Any) -> None:
         if not hasattr(module, "elastic_state"):
             module.elastic_state = {}
-        sampler = sampler_of(config)
+        runtime = runtime_for_new_layer(config, adapter_name)
         r = module.r[adapter_name]
         module.elastic_state[adapter_name] = ElasticState(
             r=r,
-            sampler=sampler,
-            column=sampler.register(r),
-            basis=BasisCache(config.basis_refresh_steps, basis_group_of(config)),
-            samples=sampler.samples(r),
+            runtime=runtime,
+            column=runtime.register(r),
+            basis=BasisCache(config.basis_refresh_steps, runtime.bases),
+            samples=runtime.sampler.samples(r),
         )
 
     @staticmethod
@@ -163,7 +153,7 @@ class ElasticVariant(LoraVariant):
         k = _effective_rank(state, state.rank)
         if state.rank is None and module.training and state.samples:
             h = lora_a(dropout(x))  # (B, ..., r)
-            cut = state.sampler.truncation(state.column, h)
+            cut = state.runtime.truncation(state.column, h)
             if cut is None:  # every row at full rank: a plain LoRA step
                 return result + lora_b(h) * scaling
             m, n = state.basis.training(lora_a.weight, lora_b.weight, h.dtype)
@@ -213,7 +203,7 @@ class ElasticLayerMixin:
     def drawn_ranks(self, adapter_name: str = "default") -> torch.Tensor | None:
         """This layer's ranks in the last training forward pass (one per example, or one per batch), on the host."""
         state = self.elastic_state[adapter_name]
-        return state.sampler.last_ranks(state.column)
+        return state.runtime.sampler.last_ranks(state.column)
 
 
 class ElasticLinear(ElasticLayerMixin, LoraLinear):

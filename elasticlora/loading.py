@@ -29,9 +29,9 @@ _MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
 def release_host_memory() -> None:
     """Hand memory freed on the host back to the OS (CPU on glibc): after loading, and after each backward pass.
 
-    glibc keeps freed activation buffers in its arenas and, batch after batch of new shapes, fragments them: measured
-    on SmolLM2 in fp32, 12 sensitivity batches of 8 x ~20 tokens grew resident memory from 1.1 to 3.4 GiB without it.
-    Eval passes (no autograd graph) barely grow, and trimming after each of their batches cost ~25% of their time.
+    glibc keeps freed activation buffers in its arenas and, batch after batch of new shapes, fragments them, so
+    resident memory grows over a sensitivity pass without this. Eval passes (no autograd graph) barely grow, and
+    trimming after each of their batches would cost more than it saves.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -120,8 +120,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, n_params: int 
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if DTYPES[dtype] is not None:
-        return DTYPES[dtype]
+    if dtype != "auto":
+        return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type != "cpu":

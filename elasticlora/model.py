@@ -1,4 +1,5 @@
-"""Wrap a base model with elastic LoRA layers: `get_elastic_model`, with a clear error when nothing matches."""
+"""Wrap a base model with elastic LoRA layers (`get_elastic_model`, with a clear error when nothing matches), and
+reach the runtime of its adapters (`elastic_runtimes`, `attach_sampler`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from peft import PeftModel, get_peft_model
 
 from ._peft_compat import check_target_module_exists
 from .config import ElasticLoraConfig
-from .ranks import attach_sampler
+from .ranks import elastic_layers
+from .runtime import ElasticRuntime
 
 
 def adaptable_modules(model: nn.Module) -> list[str]:
@@ -49,3 +51,20 @@ def get_elastic_model(model: nn.Module, config: ElasticLoraConfig | None = None,
     config = ElasticLoraConfig() if config is None else config
     check_targets(model, config)
     return attach_sampler(get_peft_model(model, config, **kwargs))
+
+
+def elastic_runtimes(model: nn.Module) -> dict[str, ElasticRuntime]:
+    """The `ElasticRuntime` (rank sampler, basis group, hooks) of every elastic adapter of `model`, by adapter name."""
+    runtimes: dict[str, ElasticRuntime] = {}
+    for layer in elastic_layers(model).values():
+        for adapter, state in layer.elastic_state.items():
+            runtimes.setdefault(adapter, state.runtime)
+    return runtimes
+
+
+def attach_sampler(model: nn.Module) -> nn.Module:
+    """Make `model`'s forward passes start new rank draws for every elastic adapter in it: for a loop that calls a
+    module other than the `PeftModel` (see `runtime.py`). Returns `model`."""
+    for runtime in elastic_runtimes(model).values():
+        runtime.attach(model)
+    return model

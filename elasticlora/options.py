@@ -10,11 +10,13 @@ import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype is built, so that the CLI parses its flags without it
+    import torch
 
 MODES = ("relative", "absolute")
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # names of torch dtypes; "auto": see loading.resolve_dtype
 
 
 def _max_rank_arg(value: str) -> int | str:
@@ -112,11 +114,11 @@ class ShrinkOptions:
         default=False,
         metadata={"help": "recompute activations in the sensitivity pass (less memory for long rows)", "cli": {}},
     )
-    autocast_dtype: torch.dtype | None = field(
+    autocast_dtype: torch.dtype | str | None = field(
         default=None,
         metadata={
             "help": "evaluate under bf16 autocast (faster on GPUs and AMX CPUs, slightly less exact)",
-            "cli": {"flags": ["--bf16"], "action": "store_const", "const": torch.bfloat16},
+            "cli": {"flags": ["--bf16"], "action": "store_const", "const": "bfloat16"},
         },
     )
     pad_to_max_rank: bool = field(default=False, metadata={"help": "zero-pad every module to one rank", "cli": {}})
@@ -147,6 +149,12 @@ class ShrinkOptions:
         check_max_rank(self.max_rank, self.budgeted)
         if self.dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.autocast_dtype, str):
+            if self.autocast_dtype not in DTYPES[1:]:
+                raise ValueError(f"`autocast_dtype` must be one of {DTYPES[1:]}, got {self.autocast_dtype!r}")
+            import torch
+
+            self.autocast_dtype = getattr(torch, self.autocast_dtype)
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("choose one of `load_in_4bit` (--load-in-4bit) and `load_in_8bit` (--load-in-8bit)")
         if self.device_map is not None and self.device is not None:

@@ -40,15 +40,6 @@ def elastic_layers(model: nn.Module) -> dict[str, ElasticLayerMixin]:
     return layers
 
 
-def attach_sampler(model: nn.Module) -> nn.Module:
-    """Make `model`'s forward passes start new rank draws for every elastic adapter in it: for a loop that calls a
-    module other than the one outermost when the layers were built (see `sampler.py`). Returns `model`."""
-    states = [state for layer in elastic_layers(model).values() for state in layer.elastic_state.values()]
-    for sampler in {id(state.sampler): state.sampler for state in states}.values():
-        sampler.attach(model)
-    return model
-
-
 def active_adapter_name(model: nn.Module, adapter_name: str | None = None) -> str:
     if adapter_name is not None:
         return adapter_name

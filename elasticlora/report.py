@@ -26,16 +26,17 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[int], list[str], list[list[i
 
 
 def plot_report(result: dict, path) -> None:
-    """Heatmap of the chosen ranks (layer x module type) beside the measured quality-vs-parameters curve."""
-    import matplotlib
+    """Heatmap of the chosen ranks (layer x module type) beside the measured quality-vs-parameters curve.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn through matplotlib's object API (a `Figure` renders with the Agg canvas on `savefig`), so the caller's
+    pyplot backend and figures are left alone."""
     import numpy as np
+    from matplotlib.figure import Figure
 
     layers, kinds, table = rank_table(result["ranks"])
     grid = np.array([[np.nan if v is None else v for v in row] for row in table], dtype=float)
-    fig, (ax_map, ax_curve) = plt.subplots(1, 2, figsize=(12, max(4, 0.22 * len(layers) + 1.5)))
+    fig = Figure(figsize=(12, max(4, 0.22 * len(layers) + 1.5)))
+    ax_map, ax_curve = fig.subplots(1, 2)
     image = ax_map.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
     ax_map.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
     ax_map.set_yticks(range(len(layers)), [str(layer) for layer in layers])
@@ -61,7 +62,6 @@ def plot_report(result: dict, path) -> None:
     ax_curve.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
 
 
 def summary_lines(result: dict) -> list[str]:

@@ -1,41 +1,30 @@
 """The truncation ranks of one training forward pass, drawn once for every elastic layer of a model.
 
-One `RankSampler` serves every layer of an elastic adapter (it lives on the adapter's `ElasticLoraConfig`). When the
-model's outermost module starts a forward pass, the sampler forgets the last draws; the first elastic layer that
-runs in training mode then makes them for the whole pass, on the host, as a (draws, layers) table of ranks. Each
-layer call gets a `Truncation` from its column: which rows are truncated and their ranks, as index and mask tensors
-copied to the device once per distinct column of the pass (with shared draws, once per pass), so a layer computes
-the truncation on the truncated rows alone, with no host synchronisation. So:
+One `RankSampler` serves every layer of an elastic adapter in one model (it lives on the adapter's
+`ElasticRuntime`, `runtime.py`, which also starts the passes). When a pass starts, the sampler forgets the last
+draws; the first elastic layer that runs in training mode then makes them for the whole pass, on the host, as a
+(draws, layers) table of ranks. Each layer call gets a `Truncation` from its column: which rows are truncated and
+their ranks, as index and mask tensors copied to the device once per distinct column of the pass (with shared
+draws, once per pass), so a layer computes the truncation on the truncated rows alone, with no host
+synchronisation. So:
 
 - each example runs at one rank in every layer (with probability `shared_draw_prob`; otherwise each layer draws its
   own), and a module called twice in one pass uses the same ranks both times;
-- gradient checkpointing, which re-runs blocks during the backward pass but not the outermost module, finds the
-  table of the pass it recomputes. When several passes run before one backward, a hook on each pass's outputs puts
-  that pass's table back as soon as the backward pass reaches them, before any of its blocks are recomputed;
 - consecutive draws are spread evenly over the rank distribution (a low-discrepancy sequence, see `_draw`), so every
   pass and micro-batch holds each rank in close to its share;
 - the draws are a pure function of (torch's initial seed, the process rank, the draws so far): runs are
-  reproducible, and data-parallel processes draw independently.
+  reproducible, and data-parallel processes draw independently. `state_dict` / `load_state_dict` carry the draws so
+  far across a checkpoint, so a resumed run continues the sequence.
 
-Which module is outermost is read from the Python call stack: when a layer is built, the outermost module whose
-method is running (`get_peft_model` builds the layers inside `PeftModel.__init__`, so that is the `PeftModel` it
-returns); if that module is gone by the first training draw (PEFT's `inject_adapter_in_model` drops its wrapper),
-the outermost module whose `forward` is running then. `get_elastic_model` and `load_elastic` hook the model they
-return explicitly. A training loop that calls an inner module directly, bypassing the hooked one, never starts a
-new pass: hook that module with `elasticlora.attach_sampler(module)`. A layer whose input rows are not the pass's
-examples (e.g. the experts of a mixture-of-experts layer, which see routed tokens) runs the whole call at the pass's
-first rank.
+A layer whose input rows are not the pass's examples (e.g. the experts of a mixture-of-experts layer, which see
+routed tokens) runs the whole call at the pass's first rank.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import weakref
-from collections.abc import Iterator
 
 import torch
-import torch.nn as nn
 
 _MASK64 = (1 << 64) - 1
 _INV_GOLDEN = (math.sqrt(5) - 1) / 2
@@ -64,29 +53,6 @@ def rank_support(r: int, rank_sampler: str, min_rank: int) -> list[int]:
     return sorted({2**i for i in range(int(math.log2(r)) + 1) if low <= 2**i <= r} | {r})
 
 
-def _outermost_module(method: str | None = None) -> nn.Module | None:
-    """The module whose method (`method` only, if given) is outermost on the Python call stack."""
-    outermost = None
-    frame = inspect.currentframe()
-    while frame is not None:
-        module = frame.f_locals.get("self") if method in (None, frame.f_code.co_name) else None
-        if isinstance(module, nn.Module):
-            outermost = module
-        frame = frame.f_back
-    return outermost
-
-
-def _tensors(output) -> Iterator[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        yield output
-    elif isinstance(output, dict):  # transformers' ModelOutput too
-        for value in output.values():
-            yield from _tensors(value)
-    elif isinstance(output, (tuple, list)):
-        for value in output:
-            yield from _tensors(value)
-
-
 class RankSampler:
     """Draws each training forward pass's truncation ranks for every layer registered with it."""
 
@@ -101,7 +67,6 @@ class RankSampler:
         self._ranks: list[int] = []  # the maximum rank of each registered layer
         self._pass: _Pass | None = None  # the current pass's draws
         self._last: _Pass | None = None  # the last pass drawn
-        self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the modules whose forward starts a pass
 
     @classmethod
     def from_config(cls, config) -> RankSampler:
@@ -116,9 +81,6 @@ class RankSampler:
     def register(self, r: int) -> int:
         """A layer of maximum rank `r` joins; returns its column in every pass's table."""
         self._ranks.append(r)
-        root = _outermost_module()
-        if root is not None:
-            self.attach(root)
         return len(self._ranks) - 1
 
     def samples(self, r: int) -> bool:
@@ -132,31 +94,25 @@ class RankSampler:
         probs[r] += self.full_rank_prob
         return probs
 
-    def attach(self, root: nn.Module) -> None:
-        """Start a new pass whenever `root` starts a forward pass."""
-        if root in self._roots:
-            return
-        self._roots.add(root)
-        root.register_forward_pre_hook(self._begin)
-        root.register_forward_hook(self._end)
+    @property
+    def current_pass(self) -> _Pass | None:
+        """The draws of the pass under way (None: the next training layer call draws for a new pass)."""
+        return self._pass
 
-    def new_pass(self) -> None:
-        """Forget the current draws: the next training layer call draws for a new pass."""
-        self._pass = None
-
-    def _begin(self, module: nn.Module, args) -> None:
-        self.new_pass()
-
-    def _end(self, module: nn.Module, args, output) -> None:
-        current = self._pass
-        if current is None or not torch.is_grad_enabled():
-            return
-        for tensor in _tensors(output):
-            if tensor.requires_grad:
-                tensor.register_hook(lambda grad, current=current: self._restore(current))
-
-    def _restore(self, current: _Pass) -> None:
+    def new_pass(self, current: _Pass | None = None) -> None:
+        """Forget the current draws (the next training layer call draws for a new pass), or go back to `current`'s."""
         self._pass = current
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the run is in the draw sequence: what a checkpoint keeps to continue it."""
+        return {"passes": self.passes, "draws": self.draws}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("passes", "draws"):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"rank sampler state: `{key}` must be a non-negative int, got {value!r}")
+        self.passes, self.draws = state["passes"], state["draws"]
 
     def _draw(self, n_draws: int) -> torch.Tensor:
         """(n_draws, layers) ranks: rank r with probability `full_rank_prob`, else from the sampler's support.
@@ -192,20 +148,9 @@ class RankSampler:
         None when the layer runs at full rank for every row. When the rows of `h` are not the pass's examples, the
         whole call runs at the pass's first rank."""
         if self._pass is None:
-            if not self._roots:  # the module hooked when the layers were built is gone
-                root = _outermost_module("forward")
-                if root is not None:
-                    self.attach(root)
             n_draws = h.shape[0] if self.per_example and h.dim() > 1 else 1
             self._pass = self._last = _Pass(self._draw(n_draws), self._ranks)
         return self._pass.truncation(column, h)
-
-    def __deepcopy__(self, memo) -> RankSampler:
-        """A copy with the same settings and layers, hooked to no module yet (a copied model's hooks call it)."""
-        copy = RankSampler(self.rank_sampler, self.min_rank, self.full_rank_prob, self.shared_prob, self.per_example)
-        copy._ranks, copy.passes, copy.draws = list(self._ranks), self.passes, self.draws
-        memo[id(self)] = copy
-        return copy
 
     def last_ranks(self, column: int) -> torch.Tensor | None:
         """The ranks of one layer in the last pass drawn, on the host; None before the first draw."""

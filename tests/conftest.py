@@ -1,17 +1,13 @@
-"""Tiny random models, built from a config in milliseconds; no downloads."""
+"""Tiny random models (`elasticlora.testing`), built from a config in milliseconds; no downloads."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from common import VOCAB, char_tokenizer, tiny_gpt2, tiny_llama  # noqa: E402
+from elasticlora.testing import VOCAB, char_tokenizer, tiny_gpt2, tiny_llama
 
-__all__ = ["VOCAB", "char_tokenizer", "tiny_gpt2", "tiny_llama"]
+__all__ = ["VOCAB", "char_tokenizer", "fit", "randomize_lora", "tiny_gpt2", "tiny_llama"]
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
@@ -28,6 +24,21 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def fit(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, lr: float = 1e-2) -> list[float]:
+    """Adam on the trainable parameters over `batches`, cycled, for `steps` steps; returns the losses."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = model(**batches[step % len(batches)]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,7 @@ def test_a_truncated_example_trains_every_component():
     layer = elastic_layers(model)[Q_PROJ]
     x = torch.randn(1, 5, layer.in_features)
     layer.train()
-    sampler = layer.elastic_state["default"].sampler
+    sampler = layer.elastic_state["default"].runtime.sampler
     for _ in range(50):  # until rank 1 is drawn
         sampler.new_pass()  # the layer is called directly, not through the model that starts passes
         layer.zero_grad()
@@ -227,7 +227,7 @@ def test_training_recomputes_the_basis_every_basis_refresh_steps_optimizer_steps
             m, n = svd_basis(a.detach(), b.detach())
         layer.train()
         for _ in range(2):  # two micro-batches per optimizer step
-            layer.elastic_state["default"].sampler.new_pass()
+            layer.elastic_state["default"].runtime.sampler.new_pass()
             y = layer(x)
             y.pow(2).mean().backward()
         ks = layer.drawn_ranks().tolist()

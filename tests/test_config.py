@@ -2,7 +2,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from elasticlora import ElasticLinear, ElasticLoraConfig, elastic_layers, get_elastic_model
+from elasticlora import ElasticLoraConfig, elastic_layers, get_elastic_model
+from elasticlora.layer import ElasticLinear
 
 from conftest import MODELS
 

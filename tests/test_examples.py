@@ -13,10 +13,20 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from elasticlora import ElasticLoraConfig
 from elasticlora.data import eval_batches
 
-from common import train_steps
 from conftest import char_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # subprocesses, each importing torch and transformers
+
+
+def train_steps(*args, **kwargs):
+    """examples/common.py's loop, imported from the examples folder (this file tests the examples)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from common import train_steps
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return train_steps(*args, **kwargs)
 
 
 def test_demo_runs_end_to_end(tiny_model_dir, tmp_path):

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from peft import get_peft_model
 
-from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, get_elastic_model
+from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, elastic_runtimes, get_elastic_model
 from elasticlora import sampler as sampler_module
 
 from conftest import MODELS, VOCAB, randomize_lora, tiny_llama
@@ -32,7 +32,7 @@ def test_one_pass_gives_every_layer_the_same_rank_per_example():
 
 def test_each_forward_pass_draws_once():
     model = elastic_model().train()
-    sampler = next(iter(elastic_layers(model).values())).elastic_state["default"].sampler
+    sampler = elastic_runtimes(model)["default"].sampler
     before = sampler.passes
     passes = []
     for _ in range(3):
@@ -189,10 +189,11 @@ def test_the_module_the_loop_calls_starts_each_pass(wrap):
     model = (
         get_peft_model(tiny_llama(), config) if wrap == "get_peft_model" else get_elastic_model(tiny_llama(), config)
     )
-    sampler = next(iter(elastic_layers(model).values())).elastic_state["default"].sampler
+    runtime = elastic_runtimes(model)["default"]
+    sampler = runtime.sampler
     model.train()
     model(torch.randint(0, VOCAB, (4, 4)))
-    assert list(sampler._roots) == [model]
+    assert runtime.hooked == [model]
     passes = sampler.passes
     model(torch.randint(0, VOCAB, (4, 4)))
     assert sampler.passes == passes + 1

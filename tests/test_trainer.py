@@ -5,7 +5,8 @@ import torch
 from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from elasticlora import ElasticLinear, ElasticLoraConfig, elastic_layers
+from elasticlora import ElasticLoraConfig, elastic_layers
+from elasticlora.layer import ElasticLinear
 from elasticlora.callbacks import add_rank_curve
 from elasticlora.data import tokenize_rows
 

@@ -11,8 +11,7 @@ from elasticlora.cli import main
 from elasticlora.data import eval_batches
 from elasticlora.workflow import inspect_adapter, shrink_adapter
 
-from common import train_steps
-from conftest import char_tokenizer, randomize_lora, tiny_llama
+from conftest import char_tokenizer, fit, randomize_lora, tiny_llama
 
 ROWS = [{"prompt": "define cat:", "completion": " a small animal."}, {"text": "the quick brown fox jumps."}] * 4
 
@@ -21,7 +20,7 @@ def save_adapter(path, config, train=True):
     """A tiny adapter; trained on ROWS so that it beats the base model on them (else shrink rightly drops it all)."""
     model = get_peft_model(tiny_llama(), config)
     if train:
-        train_steps(model, eval_batches(char_tokenizer(), ROWS, batch_size=8), steps=20, lr=1e-2, progress=False)
+        fit(model, eval_batches(char_tokenizer(), ROWS, batch_size=8), steps=20)
     else:
         randomize_lora(model)
     model.save_pretrained(path)
@@ -194,7 +193,7 @@ def wide_setup(tmp_path_factory):
     tiny_llama(hidden=128).save_pretrained(path / "base")
     char_tokenizer().save_pretrained(path / "base")
     model = get_peft_model(tiny_llama(hidden=128), ElasticLoraConfig(r=8))
-    train_steps(model, eval_batches(char_tokenizer(), ROWS, batch_size=8), steps=20, lr=1e-2, progress=False)
+    fit(model, eval_batches(char_tokenizer(), ROWS, batch_size=8), steps=20)
     model.save_pretrained(path / "adapter")
     (path / "eval.jsonl").write_text("\n".join(json.dumps(row) for row in ROWS) + "\n")
     return path
