@@ -55,89 +55,98 @@ def svd_bases(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[to
 
 
 def _factor_key(weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:
-    """Changes whenever the optimizer changes either factor (an in-place update bumps the version counter)."""
+    """Changes when either factor is replaced or updated in place by an op that bumps its version counter (fused
+    optimizers such as torch's fused AdamW and bitsandbytes' do not: `BasisCache` also counts training forwards)."""
     return (weight_a.data_ptr(), weight_a._version, weight_b.data_ptr(), weight_b._version, weight_a.device)
 
 
 class BasisCache:
     """One layer's singular basis: the current one (eval, shrink, export) and the one training uses.
 
-    Training recomputes the basis every `refresh_steps` optimizer steps and reuses it in between. A step is a change
-    of the factors between training forwards, so the micro-batches of an accumulated step count once, and a forward
-    that gradient checkpointing recomputes during backward (the factors have not changed since) reuses what its
-    first run used. A stale basis still gives exact full-rank rows and a rank-k truncation, only not the best one.
-    The first layer of a `BasisGroup` whose refresh falls due refreshes every due layer of the group in one batch.
+    The current basis is cached until the factors may have changed: a new factor tensor, an in-place edit that bumps
+    its version, or a training forward (after which an optimizer may step them, fused optimizers without a trace).
+
+    Training recomputes its basis every `refresh_steps` training passes of the model (`RankSampler` numbers them;
+    each micro-batch of an accumulated step is one) and reuses it in between, so the schedule is a function of the
+    pass number alone: the same in every process, and continued by a run resumed at the same pass. A pass that
+    gradient checkpointing recomputes during backward reuses the basis it ran with (or a newer one, when several
+    passes ran before one backward). A stale basis still gives exact full-rank rows and a rank-k truncation, only not
+    the best one. The first layer of a `BasisGroup` whose refresh falls due refreshes every due layer in one batch.
     """
 
     def __init__(self, refresh_steps: int = 1, group: BasisGroup | None = None):
         self.refresh_steps = refresh_steps
         self.group = BasisGroup() if group is None else group
         self._current: tuple | None = None  # (key, M, N, {k: prefix factors})
-        self._training: dict | None = None
+        self._training: dict | None = None  # {"basis": (M, N), "pass": refreshed at, "dtype", "cast"}
         self._factors: tuple[torch.Tensor, torch.Tensor] | None = None  # the factors of the last training forward
+        self._trained = 0  # training forwards so far
+
+    def _key(self, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:
+        return (*_factor_key(weight_a, weight_b), self._trained)
+
+    def trained(self) -> None:
+        """A training forward ran: the factors may change before the next call (the current basis is then stale)."""
+        self._trained += 1
 
     def current(self, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(M, N) of the factors as they are now, in fp32."""
         return self._entry(weight_a, weight_b)[1:3]
 
     def _entry(self, weight_a: torch.Tensor, weight_b: torch.Tensor) -> tuple:
-        key = _factor_key(weight_a, weight_b)
+        key = self._key(weight_a, weight_b)
         if self._current is None or self._current[0] != key:
             self._current = (key, *svd_basis(weight_a, weight_b), {})
         return self._current
 
     def prefix_factors(self, weight_a: torch.Tensor, weight_b: torch.Tensor, k: int) -> tuple:
-        """fp32 `(M[:k] A, B N[:, :k])`, without gradient, cached until the factors change."""
+        """fp32 `(M[:k] A, B N[:, :k])`, without gradient, cached until the factors may have changed."""
         _, m, n, factors = self._entry(weight_a, weight_b)
         if k not in factors:
             with torch.no_grad(), torch.autocast(weight_a.device.type, enabled=False):
                 factors[k] = (m[:k] @ weight_a.float(), weight_b.float() @ n[:, :k])
         return factors[k]
 
-    def training(self, weight_a: torch.Tensor, weight_b: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """(M, N) in `dtype` for a training forward: recomputed every `refresh_steps` optimizer steps."""
+    def training(self, weight_a: torch.Tensor, weight_b: torch.Tensor, dtype: torch.dtype, pass_index: int) -> tuple:
+        """(M, N) in `dtype` for a training forward of pass `pass_index`: recomputed every `refresh_steps` passes."""
         self._factors = (weight_a, weight_b)
-        key = _factor_key(weight_a, weight_b)
-        if self._due(key):
-            self.group.refresh(self)
+        if self._due(pass_index):
+            self.group.refresh(self, pass_index)
         cached = self._training
-        if cached["key"] != key:  # a step between refreshes: the basis ages
-            cached.update(key=key, age=cached["age"] + 1)
         if cached.get("dtype") != dtype:
             cached.update(dtype=dtype, cast=tuple(t.to(dtype) for t in cached["basis"]))
         return cached["cast"]
 
-    def _due(self, key: tuple) -> bool:
-        """Whether factors with `key` have changed `refresh_steps` times since the training basis."""
+    def _due(self, pass_index: int) -> bool:
+        """Whether pass `pass_index` starts a new period of `refresh_steps` passes since the training basis."""
         cached = self._training
-        return cached is None or (cached["key"] != key and cached["age"] + 1 >= self.refresh_steps)
+        return cached is None or pass_index // self.refresh_steps > cached["pass"] // self.refresh_steps
 
     def _has_current(self) -> bool:
-        return self._current is not None and self._current[0] == _factor_key(*self._factors)
+        return self._current is not None and self._current[0] == self._key(*self._factors)
 
-    def _refresh(self, basis: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def _refresh(self, basis: tuple[torch.Tensor, torch.Tensor] | None, pass_index: int) -> None:
         """Train with the basis of the last training forward's factors: `basis`, or the current one if None."""
-        key = _factor_key(*self._factors)
         if basis is not None:
-            self._current = (key, *basis, {})
-        self._training = {"basis": self._current[1:3], "age": 0, "key": key}
+            self._current = (self._key(*self._factors), *basis, {})
+        self._training = {"basis": self._current[1:3], "pass": pass_index}
 
 
 class BasisGroup:
     """The basis caches of one adapter's layers, refreshed together: the layer that finds its refresh due first
-    refreshes every member that is due too (all of them, when the optimizer steps every layer), with one batched
-    `svd_bases` call. A cache joins when its own refresh first falls due."""
+    refreshes every member that is due too (all of them after their first pass), with one batched `svd_bases` call.
+    A cache joins when its own refresh first falls due."""
 
     def __init__(self):
         self._members: weakref.WeakSet[BasisCache] = weakref.WeakSet()
 
-    def refresh(self, cache: BasisCache) -> None:
+    def refresh(self, cache: BasisCache, pass_index: int) -> None:
         self._members.add(cache)
-        due = [m for m in self._members if m._factors is not None and m._due(_factor_key(*m._factors))]
+        due = [m for m in self._members if m._factors is not None and m._due(pass_index)]
         stale = [member for member in due if not member._has_current()]
         bases = dict(zip(stale, svd_bases([member._factors for member in stale])))
         for member in due:
-            member._refresh(bases.get(member))
+            member._refresh(bases.get(member), pass_index)
 
     def __deepcopy__(self, memo) -> BasisGroup:
         """An empty group: the copied caches join it when their next refresh falls due."""

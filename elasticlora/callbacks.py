@@ -91,14 +91,17 @@ class ElasticLoraCallback(TrainerCallback, ExportableState):
     sequence again from its first draw."""
 
     def __init__(self):
-        self.draw_state: dict[str, dict[str, int]] | None = None  # restored by Trainer from a checkpoint
         self._model = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """On a resumed run, `state` is the checkpoint's, holding what `state()` returned when it was saved."""
         self._model = model
-        if model is not None and self.draw_state:
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        saved = saved[0] if isinstance(saved, list) else saved
+        draw_state = (saved or {}).get("attributes", {}).get("draw_state")
+        if model is not None and state.global_step > 0 and draw_state:
             runtimes = elastic_runtimes(model)
-            for adapter, draws in self.draw_state.items():
+            for adapter, draws in draw_state.items():
                 if adapter in runtimes:
                     runtimes[adapter].load_state_dict(draws)
         return control

@@ -145,31 +145,42 @@ class ElasticVariant(LoraVariant):
         module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
         state: ElasticState = module.elastic_state[active_adapter]
-        lora_a = module.lora_A[active_adapter]
-        lora_b = module.lora_B[active_adapter]
-        dropout = module.lora_dropout[active_adapter]
-        scaling = module.scaling[active_adapter]
-        # PEFT's layer has already cast x where it casts for vanilla LoRA (not under autocast for bitsandbytes)
-        k = _effective_rank(state, state.rank)
-        if state.rank is None and module.training and state.samples:
-            h = lora_a(dropout(x))  # (B, ..., r)
-            cut = state.runtime.truncation(state.column, h)
-            if cut is None:  # every row at full rank: a plain LoRA step
-                return result + lora_b(h) * scaling
-            m, n = state.basis.training(lora_a.weight, lora_b.weight, h.dtype)
-            return result + lora_b(truncate(h, cut, m, n)) * scaling
-        if k == state.r:  # through the lora_A module, whose output hook `sensitivity` reads
-            return result + lora_b(lora_a(dropout(x))) * scaling
-        if k == 0:
-            return result
-        weight_a, weight_b = lora_a.weight, lora_b.weight
+        output = _elastic_forward(module, state, active_adapter, x, result)
+        weight_a, weight_b = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
         if torch.is_grad_enabled() and (weight_a.requires_grad or weight_b.requires_grad):
-            m, n = state.basis.current(weight_a, weight_b)  # training at a fixed rank: gradient through A and B
-            factor_a, factor_b = m[:k].to(weight_a.dtype) @ weight_a, weight_b @ n[:, :k].to(weight_b.dtype)
-        else:  # the factors export writes, so eval and the export agree to rounding
-            factor_a, factor_b = prefix_factors(module, active_adapter, k)
-            factor_a, factor_b = factor_a.to(weight_a.dtype), factor_b.to(weight_b.dtype)
-        return result + F.linear(F.linear(dropout(x), factor_a), factor_b) * scaling
+            state.basis.trained()  # an optimizer may now change A and B
+        return output
+
+
+def _elastic_forward(
+    module: LoraLayer, state: ElasticState, active_adapter: str, x: torch.Tensor, result: torch.Tensor
+) -> torch.Tensor:
+    lora_a = module.lora_A[active_adapter]
+    lora_b = module.lora_B[active_adapter]
+    dropout = module.lora_dropout[active_adapter]
+    scaling = module.scaling[active_adapter]
+    # PEFT's layer has already cast x where it casts for vanilla LoRA (not under autocast for bitsandbytes)
+    k = _effective_rank(state, state.rank)
+    if state.rank is None and module.training and state.samples:
+        h = lora_a(dropout(x))  # (B, ..., r)
+        cut = state.runtime.truncation(state.column, h)
+        if cut is None:  # every row at full rank: a plain LoRA step
+            return result + lora_b(h) * scaling
+        pass_index = state.runtime.sampler.current_pass.index
+        m, n = state.basis.training(lora_a.weight, lora_b.weight, h.dtype, pass_index)
+        return result + lora_b(truncate(h, cut, m, n)) * scaling
+    if k == state.r:  # through the lora_A module, whose output hook `sensitivity` reads
+        return result + lora_b(lora_a(dropout(x))) * scaling
+    if k == 0:
+        return result
+    weight_a, weight_b = lora_a.weight, lora_b.weight
+    if torch.is_grad_enabled() and (weight_a.requires_grad or weight_b.requires_grad):
+        m, n = state.basis.current(weight_a, weight_b)  # training at a fixed rank: gradient through A and B
+        factor_a, factor_b = m[:k].to(weight_a.dtype) @ weight_a, weight_b @ n[:, :k].to(weight_b.dtype)
+    else:  # the factors export writes, so eval and the export agree to rounding
+        factor_a, factor_b = prefix_factors(module, active_adapter, k)
+        factor_a, factor_b = factor_a.to(weight_a.dtype), factor_b.to(weight_b.dtype)
+    return result + F.linear(F.linear(dropout(x), factor_a), factor_b) * scaling
 
 
 class ElasticLayerMixin:

@@ -10,9 +10,10 @@ The runtime starts a new training pass (`RankSampler.new_pass`) whenever a modul
 - the `PeftModel` being built when the layers are built (found on the Python call stack, `_module_on_stack`: PEFT
   offers no other way from a layer to its model); a DDP, FSDP2 or accelerate wrapper calls it, so its passes start
   there too;
-- with no `PeftModel` (PEFT's `inject_adapter_in_model` drops its wrapper), the module whose `forward` is outermost
-  when the first training layer call finds no hooked module alive;
-- any module given to `attach` (`elasticlora.attach_sampler`): for a loop that calls an inner module directly.
+- the module whose `forward` is outermost when a training layer call finds that no hooked module started the pass:
+  a loop that calls an inner module, or a model PEFT's `inject_adapter_in_model` adapted (it drops the wrapper the
+  layers were built in). Its first call draws as one pass too;
+- any module given to `attach` (`elasticlora.attach_sampler`), ahead of its first call.
 
 Gradient checkpointing re-runs blocks during the backward pass but not the hooked module; a hook on each pass's
 outputs puts that pass's draws back as soon as the backward pass reaches them, before any of its blocks are
@@ -41,6 +42,7 @@ class ElasticRuntime:
         self.sampler = RankSampler.from_config(config)
         self.bases = BasisGroup()
         self._hooks: list[tuple[weakref.ref, list[torch.utils.hooks.RemovableHandle]]] = []
+        self._opened = False  # whether a hooked module started the pass the next draw is for
 
     def register(self, r: int) -> int:
         """A layer of maximum rank `r` joins; returns its column in the sampler's draws."""
@@ -66,12 +68,15 @@ class ElasticRuntime:
         self._hooks = []
 
     def truncation(self, column: int, h: torch.Tensor) -> Truncation | None:
-        """The current pass's truncation of one layer call (see `RankSampler.truncation`); hooks the outermost
-        running module first if no hooked module is alive."""
-        if self.sampler.current_pass is None and not self.hooked:
-            root = _module_on_stack(forward_only=True)
-            if root is not None:
-                self.attach(root)
+        """The current pass's truncation of one layer call (see `RankSampler.truncation`). A pass that no hooked
+        module started (the loop calls another module) hooks the module whose `forward` is outermost now, so that
+        its next calls start their passes."""
+        if self.sampler.current_pass is None:
+            if not self._opened:
+                root = _module_on_stack(forward_only=True)
+                if root is not None:
+                    self.attach(root)
+            self._opened = False
         return self.sampler.truncation(column, h)
 
     def state_dict(self) -> dict[str, int]:
@@ -83,6 +88,7 @@ class ElasticRuntime:
 
     def _begin(self, module: nn.Module, args) -> None:
         self.sampler.new_pass()
+        self._opened = True
 
     def _end(self, module: nn.Module, args, output) -> None:
         current = self.sampler.current_pass
@@ -99,6 +105,7 @@ class ElasticRuntime:
         memo[id(self)] = clone
         clone.sampler = copy.deepcopy(self.sampler, memo)
         clone.bases = copy.deepcopy(self.bases, memo)
+        clone._opened = False
         clone._hooks = [
             (weakref.ref(memo[id(module)]), copy.deepcopy(handles, memo))
             for ref, handles in self._hooks

@@ -149,7 +149,8 @@ class RankSampler:
         whole call runs at the pass's first rank."""
         if self._pass is None:
             n_draws = h.shape[0] if self.per_example and h.dim() > 1 else 1
-            self._pass = self._last = _Pass(self._draw(n_draws), self._ranks)
+            index = self.passes
+            self._pass = self._last = _Pass(self._draw(n_draws), self._ranks, index)
         return self._pass.truncation(column, h)
 
     def last_ranks(self, column: int) -> torch.Tensor | None:
@@ -182,12 +183,13 @@ class Truncation:
 
 
 class _Pass:
-    """One forward pass's draws: the host table, which layers run at full rank throughout, and the truncations made
+    """One forward pass's draws: its number, the host table, which layers run at full rank throughout, and the truncations made
     from the table for each distinct (ranks, device, dtype, shape of the activations), shared by the columns (layers)
     that drew the same ranks."""
 
-    def __init__(self, table: torch.Tensor, max_ranks: list[int]):
+    def __init__(self, table: torch.Tensor, max_ranks: list[int], index: int):
         self.table = table
+        self.index = index  # the pass's number in the run
         self.max_ranks = max_ranks
         self.full = (table == torch.tensor(max_ranks)).all(0).tolist()
         self.truncations: dict[tuple, Truncation] = {}

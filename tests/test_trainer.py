@@ -5,7 +5,7 @@ import torch
 from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from elasticlora import ElasticLoraConfig, elastic_layers
+from elasticlora import ElasticLoraCallback, ElasticLoraConfig, elastic_layers, elastic_runtimes
 from elasticlora.layer import ElasticLinear
 from elasticlora.callbacks import add_rank_curve
 from elasticlora.data import tokenize_rows
@@ -71,6 +71,35 @@ def test_trainer_trains_saves_resumes_and_logs_the_rank_curve(tmp_path, checkpoi
     assert all(layer.drawn_ranks() is not None for layer in layers.values())
     changed = [k for k, v in resumed.model.state_dict().items() if "lora_" in k and not torch.equal(v, final[k])]
     assert changed, "training continued from the checkpoint"
+
+
+def test_a_resumed_run_continues_the_draw_sequence(tmp_path):
+    """With `ElasticLoraCallback` (add_rank_curve adds it), 4 steps, a checkpoint and 2 resumed steps end with the
+    adapter and the draw position of 6 uninterrupted steps; without it, the resumed run replays the first draws."""
+
+    def run(out, callback: bool, resume_from=None):
+        model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8))
+        trainer = Trainer(
+            model=model,
+            args=trainer_args(out, max_steps=6, eval_strategy="no", save_steps=4),
+            train_dataset=dataset(),
+            data_collator=DataCollatorForSeq2Seq(char_tokenizer(), padding=True),
+            callbacks=[ElasticLoraCallback()] if callback else None,
+        )
+        trainer.train(resume_from_checkpoint=resume_from)
+        weights = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+        return weights, elastic_runtimes(model)["default"].state_dict()
+
+    for callback in (True, False):
+        straight, straight_draws = run(tmp_path / f"straight-{callback}", callback)
+        assert straight_draws == {"passes": 12, "draws": 48}  # 6 steps of 2 micro-batches of 4
+        checkpoint = tmp_path / f"straight-{callback}" / "run" / "checkpoint-4"
+        resumed, resumed_draws = run(tmp_path / f"resumed-{callback}", callback, resume_from=str(checkpoint))
+        same = all(torch.equal(resumed[k], straight[k]) for k in straight)
+        if callback:
+            assert resumed_draws == straight_draws and same
+        else:
+            assert resumed_draws == {"passes": 4, "draws": 16} and not same
 
 
 def test_sft_trainer_with_an_elastic_peft_config(tmp_path):
