@@ -44,7 +44,34 @@ _EXPORTS = {
     "ElasticLoraCallback": "callbacks",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ElasticLoraCallback",
+    "ElasticLoraConfig",
+    "ElasticRuntime",
+    "RankCurveCallback",
+    "ShrinkOptions",
+    "ShrinkResult",
+    "adaptable_modules",
+    "adapter_param_count",
+    "add_rank_curve",
+    "at_ranks",
+    "attach_sampler",
+    "elastic_layers",
+    "elastic_runtimes",
+    "eval_batches",
+    "eval_loss",
+    "export_peft_adapter",
+    "get_elastic_model",
+    "inspect_adapter",
+    "is_elastic_adapter",
+    "load_elastic",
+    "max_ranks",
+    "merge_and_unload_at",
+    "rank_curve",
+    "resolve_ranks",
+    "set_ranks",
+    "shrink_adapter",
+]
 
 if TYPE_CHECKING:
     from .adapter_io import is_elastic_adapter, load_elastic

@@ -183,9 +183,9 @@ class Truncation:
 
 
 class _Pass:
-    """One forward pass's draws: its number, the host table, which layers run at full rank throughout, and the truncations made
-    from the table for each distinct (ranks, device, dtype, shape of the activations), shared by the columns (layers)
-    that drew the same ranks."""
+    """One forward pass's draws: its number, the host table, which layers run at full rank throughout, and the
+    truncations made from the table for each distinct (ranks, device, dtype, shape of the activations), shared by the
+    columns (layers) that drew the same ranks."""
 
     def __init__(self, table: torch.Tensor, max_ranks: list[int], index: int):
         self.table = table

@@ -37,12 +37,21 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32):
 
 
 def tiny_gpt2(seed: int = 0):
-    """A random GPT-2 (transformers `Conv1D` layers)."""
+    """A random GPT-2 (transformers `Conv1D` layers), without dropout so that training passes are deterministic."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config).eval()
 

@@ -25,6 +25,7 @@ from elasticlora.testing import char_tokenizer, tiny_llama
 DATA = Path(__file__).resolve().parent / "data"  # wordnet_train.jsonl, wordnet_eval.jsonl (WordNet 3.0 licence)
 TINY_MODEL = "tiny"
 
+
 def base_model_dir(model: str) -> str:
     """`model` as `shrink_adapter` takes it: the name itself, or for "tiny" a directory the tiny model is saved to."""
     if model != TINY_MODEL:

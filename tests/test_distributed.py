@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two torchrun processes per test
+
 ROOT = Path(__file__).resolve().parents[1]
 WRAPPERS = {
     "trainer": "DistributedDataParallel",

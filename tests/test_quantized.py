@@ -11,6 +11,8 @@ from conftest import tiny_llama
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
+pytestmark = pytest.mark.slow  # quantized bases
+
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
