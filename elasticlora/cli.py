@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .options import options_from_args
+    from .vllm import vllm_serve_command
     from .workflow import inspect_adapter, shrink_adapter
 
     try:
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             print("\n".join(report["summary"]))
             if "family" not in report:
-                print(f"vLLM: --max-lora-rank {report['vllm_max_lora_rank']}")
+                base = report["base_model"]
+                print(f"serve: {vllm_serve_command(base, report['out'].rstrip('/'), report['vllm_max_lora_rank'])}")
                 print(
                     f"wrote {report['out']} (adapter_config.json, adapter_model.safetensors, report.json, report.png)"
                 )

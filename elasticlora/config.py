@@ -33,7 +33,7 @@ class ElasticLoraConfig(LoraConfig):
 
         x -> W0 x + scaling * B N[:, :k] M[:k] A x,     B A = (B N)(M A) ordered by singular value,
 
-    with the r x r basis (M, N) found in factored form every `basis_refresh_steps` optimizer steps and no gradient
+    with the r x r basis (M, N) found in factored form every `basis_refresh_steps` training passes and no gradient
     through it. A full-rank draw (`full_rank_prob`, half the examples by default) is a plain LoRA step; a truncated
     one still trains all of A and B. `scaling` is PEFT's (`lora_alpha / sqrt(r)` with the default
     `use_rslora=True`, else `lora_alpha / r`).
@@ -105,9 +105,10 @@ class ElasticLoraConfig(LoraConfig):
         default=4,
         metadata={
             "help": (
-                "Training recomputes each layer's singular basis every this many optimizer steps and reuses it in "
-                "between; eval, shrink and export always use the current one. A stale basis still gives exact "
-                "full-rank steps and rank-k truncations, only not the best rank-k ones."
+                "Training recomputes each layer's singular basis every this many training forward passes (each "
+                "micro-batch of an accumulated step is one) and reuses it in between; eval, shrink and export always "
+                "use the current one. A stale basis still gives exact full-rank steps and rank-k truncations, only "
+                "not the best rank-k ones."
             )
         },
     )

@@ -44,3 +44,9 @@ def vllm_problems(raw_config: dict, max_rank: int) -> list[str]:
 def unmapped_module_types(module_names) -> list[str]:
     """The module types (last name parts) that vLLM's Llama-family models do not map."""
     return sorted({name.rsplit(".", 1)[-1] for name in module_names} - VLLM_LLAMA_MODULES)
+
+
+def vllm_serve_command(base_model: str, adapter_dir: str, max_lora_rank: int, name: str | None = None) -> str:
+    """The `vllm serve` line that serves `adapter_dir` on `base_model` (vLLM's `--lora-modules NAME=PATH`)."""
+    name = name or adapter_dir.rstrip("/").rsplit("/", 1)[-1] or "adapter"
+    return f"vllm serve {base_model} --enable-lora --lora-modules {name}={adapter_dir} --max-lora-rank {max_lora_rank}"

@@ -14,8 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-# settings and experiments retired since (the retired fields, `distill_fraction`, the `MODE+` training modes, the
-# basis refresh ablation): drawn in the tables only, so the plots show what a user can still choose
+# settings retired since (runs of older study files): drawn in the tables only, so the plots show what a user can
+# still choose
 RETIRED = ("index basis", "truncation_", "distill_", "+", "basis_refresh_steps=")
 
 
@@ -50,25 +50,6 @@ def _cell(stat: tuple[float, float] | None, n: int) -> str:
     if stat is None:
         return ""
     return f"{stat[0]:.3f}" + (f" ±{stat[1] / 2:.3f}" if n > 1 else "")
-
-
-def _plot_conflict(plt, conflict: dict[str, list[dict]], path: Path, title: str) -> None:
-    """The two-pass arms' gradient statistics (first seed): per logged step, the share of adapter tensors whose
-    gradient from the truncated rows points against the one from the full-rank rows, and the mean cosine."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for arm, stats in conflict.items():
-        steps = [s["step"] for s in stats]
-        axes[0].plot(steps, [s["share"] for s in stats], "o-", label=arm)
-        axes[1].plot(steps, [s["mean_cos"] for s in stats], "o-", label=arm)
-    axes[0].set_ylabel("share of tensors with cosine < 0")
-    axes[1].set_ylabel("mean cosine over tensors")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: gradient of the truncated rows against the full-rank rows (halves: two plain groups)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _stem(out: Path, task: str) -> str:
@@ -149,11 +130,6 @@ def write_report(results: dict, out: Path) -> None:
                 for tol, s in e["shrink"].items():
                     cells = f"{float(tol):.1%} | {e['seed']} | {s['params']:,} | {s['test']:.3f} | {s['max_rank']}"
                     lines.append(f"| {arm} | {cells} |")
-        conflict = {arm: entries[0]["conflict"] for arm, entries in sorted(arms.items()) if "conflict" in entries[0]}
-        if conflict:
-            _plot_conflict(
-                plt, conflict, out.parent / f"{_stem(out, task)}_{steps}_conflict.png", f"{task}, {steps} steps"
-            )
         seconds = {arm: statistics.mean(e["seconds"] for e in entries) for arm, entries in arms.items()}
         lines += ["", "Training seconds per run: " + ", ".join(f"{a} {s:.0f}" for a, s in sorted(seconds.items())), ""]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -10,28 +10,23 @@ split (for reporting):
 An arm is `lora` (plain LoRA at --max-rank, rsLoRA alpha 16: its SVD truncations are recorded too), `lora@K` (plain
 LoRA trained at rank K, the grid), `default` (ElasticLoraConfig() at --max-rank) or comma-separated
 ElasticLoraConfig fields (`full_rank_prob=0.75,shared_draw_prob=0`), optionally named `NAME:SPEC` (to tell one
-spec apart across code versions: `rotated:default`; each run records its commit). A spec may start with an
-experimental training mode (scripts/recipe_modes.py, each retired, kept to reproduce): `split+`, `halves+`,
-`project+` (two passes per step), `sandwich+` (every row at full rank, the truncated rows distilled in a second pass),
-`ramp+` / `anneal+` (the truncated share grown from 0 / annealed to 0), `maps+` (truncations through learned rank
-maps, A and B trained by the full-rank rows only) or `low+` (no truncated draws above r / 8), e.g. `project+default`.
-Arms recorded with fields retired since (`truncation_basis`, `truncation_scaling`, `truncation_scale_power`) rerun
-at commit d6061fc. Every (task, steps, arm, lr, seed) run is kept in the JSON as soon as it ends, and runs already
-there are skipped, so a cut-off study resumes where it stopped.
-`--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev. `--max-grad-norm 1`
-clips the gradient as Trainer does by default (runs before 2026-12-03 did not clip); a JSON holds runs of one
-setting only, so clipped runs go to their own file. `--plot` only redraws.
+spec apart across code versions: `rotated:default`; each run records its commit). The retired experimental training
+modes (two-pass, sandwich, ramped and annealed truncations, learned rank maps, low-rank-only draws) rerun at commit
+09cfe5f, with `scripts/recipe_modes.py` there; docs/results.md lists what each measured. Every (task, steps, arm,
+lr, seed) run is kept in the JSON as soon as it ends, and runs already there are skipped, so a cut-off study resumes
+where it stopped. `--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev.
+`--max-grad-norm 1` clips the gradient as Trainer does by default (runs before 2026-12-03 did not clip); a JSON holds
+runs of one setting only, so clipped runs go to their own file. `--plot` only redraws.
 
     python scripts/recipe_study.py --task cmudict --steps 180 --arms lora default full_rank_prob=0.75 \\
-        --lrs 2e-3 --shrink 0.01 --out scripts/results/recipe_study/cmudict.json
-    python scripts/recipe_study.py --plot --out scripts/results/recipe_study/cmudict.json
+        --lrs 2e-3 --shrink 0.01 --max-grad-norm 1 --out scripts/results/recipe_study/cmudict_clip.json
+    python scripts/recipe_study.py --plot --out scripts/results/recipe_study/cmudict_clip.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import platform
 import subprocess
@@ -43,22 +38,13 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from elasticlora import ElasticLoraConfig, at_ranks
-from elasticlora.data import eval_batches, load_rows
-from elasticlora.evaluate import eval_loss
+from elasticlora import ElasticLoraConfig, at_ranks, eval_batches, eval_loss
+from elasticlora.data import load_rows
 from elasticlora.loading import load_model_and_tokenizer
 from elasticlora.shrink import shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-from recipe_modes import (  # noqa: E402
-    add_rank_maps,
-    low_truncations_only,
-    ramp_truncations,
-    train_mode,
-    train_steps_split,
-)
-
 from common import DATA, train_steps  # noqa: E402
 
 TASKS = {
@@ -69,7 +55,7 @@ TASKS = {
 
 def arm_config(spec: str, max_rank: int) -> ElasticLoraConfig:
     """The config an arm spec names (see the module docstring)."""
-    spec = train_mode(spec)[1]
+    spec = spec.split(":", 1)[-1]
     if spec == "lora" or spec.startswith("lora@"):
         r = max_rank if spec == "lora" else int(spec[5:])
         return ElasticLoraConfig(r=r, rank_sampler="none")
@@ -138,21 +124,10 @@ class Study:
         torch.manual_seed(seed)  # the adapter's initialisation too
         model = get_peft_model(copy.deepcopy(self.base), config)
         start = time.time()
-        mode = train_mode(arm)[0]
-        if mode in ("ramp", "anneal"):
-            ramp_truncations(model, steps * self.args.batch_size, anneal=mode == "anneal")
-        if mode == "maps":
-            add_rank_maps(model)
-        if mode == "low":
-            low_truncations_only(model)
-        one_pass = mode in (None, "ramp", "anneal", "maps", "low")
         clip, norms = {}, []
         if self.args.max_grad_norm is not None:
-            if not one_pass:
-                raise SystemExit(f"--max-grad-norm is not supported by the two-pass mode of {arm!r}")
             clip = {"max_grad_norm": self.args.max_grad_norm, "grad_norms": norms}
-        train = train_steps if one_pass else functools.partial(train_steps_split, mode=mode)
-        losses = train(
+        losses = train_steps(
             model, self.train, steps, lr, seed=seed, autocast_dtype=self.dtype, progress=False,
             warmup_steps=max(1, steps // 20), **clip,
         )  # fmt: skip
@@ -160,10 +135,6 @@ class Study:
         if norms:  # the gradient norm before clipping: its mean per 10 steps, and how often it was clipped
             entry["grad_norm_curve"] = per_ten_steps(norms, 3)
             entry["clipped_share"] = sum(n > self.args.max_grad_norm for n in norms) / len(norms)
-        if not one_pass:
-            losses, conflict = losses
-            if conflict:
-                entry["conflict"] = conflict
         entry["final_train_loss"] = sum(losses[-10:]) / len(losses[-10:])
         entry["train_curve"] = per_ten_steps(losses, 4)
         entry["commit"] = commit()

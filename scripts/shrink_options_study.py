@@ -119,8 +119,10 @@ def main() -> None:
             members = sorted(p.parent for p in out.glob("*/report.json")) or [out]
             for member in members:
                 report = json.loads((member / "report.json").read_text())
+                modules = results.setdefault("modules", {}).setdefault(task, list(report["ranks"]))
                 entry.setdefault("exports", []).append({
-                    "tolerance": report["tolerance"], "ranks": report["ranks"], "params": report["params"],
+                    "tolerance": report["tolerance"], "ranks": [report["ranks"][name] for name in modules],
+                    "params": report["params"],
                     "dev_full": report["full_quality"], "dev": report["quality"], "passes": report["passes"],
                     "passes_run": report["passes_run"], "rank_cap": report["rank_cap"],
                     "cap_quality": report["cap_quality"], "max_rank": report["export_max_rank"],
@@ -147,11 +149,11 @@ def write_table(path: Path) -> None:
     ]
     for key, entry in runs.items():
         free = runs["buckets_cmudict|free" if entry.get("task") == "cmudict" else "precision|float32"]
-        reference = free["exports"][0]["ranks"]
+        reference = free["exports"][0]["ranks"]  # in the order of results["modules"][task]
         for export in entry["exports"]:
-            ranks = export["ranks"]
-            same = sum(ranks[name] == k for name, k in reference.items()) / len(reference)
-            diff = sum(abs(ranks[name] - k) for name, k in reference.items()) / len(reference)
+            pairs = list(zip(export["ranks"], reference, strict=True))
+            same = sum(k == ref for k, ref in pairs) / len(pairs)
+            diff = sum(abs(k - ref) for k, ref in pairs) / len(pairs)
             label = key if len(entry["exports"]) == 1 else f"{key} @ {export['tolerance']}"
             cap = "" if export["rank_cap"] is None else f"{export['rank_cap']}: {export['cap_quality']:.4f}"
             lines.append(

@@ -89,7 +89,9 @@ def test_cli_shrink_and_inspect(setup, capsys):
     adapter, data, out, base = setup
     args = ["shrink", str(adapter), "--base-model", str(base), "--data", str(data), "--out", str(out), "--quiet"]
     assert main(args) == 0
-    assert "--max-lora-rank" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    serve = f"vllm serve {base} --enable-lora --lora-modules out={out} --max-lora-rank {report['vllm_max_lora_rank']}"
+    assert f"serve: {serve}\n" in capsys.readouterr().out
     assert main(args) == 2, "an existing --out is refused"
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--avg-rank", "2"]) == 0
