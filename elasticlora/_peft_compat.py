@@ -15,6 +15,8 @@ Relied on (PEFT 0.19 to 0.21; 0.18 builds custom layers without `config` and res
 - `peft.tuners.lora.bnb.Linear8bitLt` / `Linear4bit`, and the quantization arguments `dispatch_bnb_4bit` passes to
   `Linear4bit` (`compute_dtype`, `compress_statistics`, `quant_type`).
 - `peft.utils.other.transpose` and `peft.tuners.tuners_utils.check_target_module_exists`.
+- On transformers v5, PEFT rewrites a mixture-of-experts config's targets by assigning `config.target_parameters`
+  (`ElasticLoraConfig.__setattr__` drops them; tests/test_architectures.py checks it on Mixtral).
 """
 
 from __future__ import annotations

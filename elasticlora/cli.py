@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(report, indent=2))
             else:
-                print(f"{report['path']}{' (elastic)' if report['elastic'] else ''}")
+                base = f" on {report['base_architecture']}" if report["base_architecture"] else ""
+                print(f"{report['path']}{' (elastic)' if report['elastic'] else ''}{base}")
                 print(
                     f"modules: {report['modules']}  max rank: {report['max_rank']}  "
                     f"mean rank: {report['mean_rank']:.2f}  parameters: {report['params']:,}"

@@ -8,6 +8,7 @@ checkpoint is an ordinary LoRA adapter.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -117,6 +118,16 @@ class ElasticLoraConfig(LoraConfig):
         super().__post_init__()
         self._validate_elastic_fields()
         register_elastic_modules(self)
+        self.__dict__["_built"] = True
+
+    def __setattr__(self, name, value):
+        # PEFT rewrites a config's targets for mixture-of-experts models whose experts transformers v5 stores as 3-D
+        # parameters (`target_parameters`, trained by plain `ParamWrapper` LoRA); elastic layers truncate linear
+        # layers only, so those targets are dropped with a warning instead of joining the adapter unshrinkably.
+        if name == "target_parameters" and value and self.__dict__.get("_built"):
+            warn_dropped_parameters(sorted(value))
+            value = None
+        super().__setattr__(name, value)
 
     def _validate_elastic_fields(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -139,6 +150,11 @@ class ElasticLoraConfig(LoraConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
                 raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}")
+        if self.target_parameters:
+            raise ValueError(
+                f"`target_parameters={self.target_parameters!r}` is not supported by ElasticLoraConfig: it adapts "
+                "linear layers (`target_modules`) only"
+            )
         unsupported = {
             "use_dora": "DoRA",
             "lora_bias": "LoRA bias",
@@ -155,3 +171,12 @@ class ElasticLoraConfig(LoraConfig):
     def rank_support(self, r: int | None = None) -> list[int]:
         """The truncation ranks the sampler draws for a layer of rank `r` (default: `self.r`), ascending."""
         return rank_support(self.r if r is None else r, self.rank_sampler, self.min_rank)
+
+
+def warn_dropped_parameters(names: list[str]) -> None:
+    warnings.warn(
+        f"elastic LoRA adapts linear layers only: the 3-D weights PEFT would target with plain LoRA ({names}, the "
+        "experts and routers of a mixture-of-experts model) are left frozen; to adapt them, train a plain LoraConfig",
+        stacklevel=3,
+    )
+

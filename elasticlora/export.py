@@ -2,7 +2,8 @@
 
 The convention is PEFT's own (`convert_to_lora`): every module's scale `scaling` is folded into `lora_B` in
 fp32, and the config sets `r = lora_alpha = max module rank` with `rank_pattern == alpha_pattern` keyed by full
-module names, so each module's PEFT scale `alpha_m / r_m` is exactly 1. Readers that ignore `rank_pattern` (vLLM
+module names, so each module's PEFT scale `alpha_m / r_m` is exactly 1; `auto_mapping` records the base model's
+class, as PEFT does for a base without a hub id. Readers that ignore `rank_pattern` (vLLM
 < 0.32) still compute the right output from the folded weights as long as ranks are uniform, which `pad_to_max_rank`
 guarantees. Modules at rank 0 are absent. Writing the files is `adapter_io.adapter_files` / `write_atomically`.
 """
@@ -61,6 +62,7 @@ def export_peft_adapter(
         tensors[f"base_model.model.{name}.lora_B.weight"] = weight_b.contiguous()
 
     source = _peft_config(model, adapter)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     pattern = {} if pad_to_max_rank else dict(kept)
     config = LoraConfig(
         r=max_rank,
@@ -76,6 +78,8 @@ def export_peft_adapter(
         base_model_name_or_path=getattr(source, "base_model_name_or_path", None),
         inference_mode=True,
     )
+    # PEFT's record of the base model's class: `elasticlora inspect` reads vLLM's support for the architecture from it
+    config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
     return config, tensors
 
 

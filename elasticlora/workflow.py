@@ -26,7 +26,14 @@ from .options import ShrinkOptions
 from .ranks import module_shapes
 from .report import plot_report, summary_lines
 from .shrink import shrink_family
-from .vllm import VLLM_MAX_LORA_RANKS, unmapped_module_types, vllm_max_lora_rank, vllm_problems
+from .vllm import (
+    VLLM_LORA_MODULES,
+    VLLM_MAX_LORA_RANKS,
+    architecture_problems,
+    unmapped_module_types,
+    vllm_max_lora_rank,
+    vllm_problems,
+)
 
 
 def _check_shapes_match(model: torch.nn.Module, shapes: dict[str, dict[str, tuple[int, ...]]], source: str) -> None:
@@ -203,6 +210,8 @@ def inspect_adapter(adapter_dir: str | Path) -> dict:
         problems_peft.append(f"adapter_config.json is not a valid LoraConfig: {err}")
     max_rank = max(ranks.values(), default=0)
     problems_vllm += vllm_problems(raw, max_rank)
+    architecture = (raw.get("auto_mapping") or {}).get("base_model_class")
+    problems_vllm += architecture_problems(architecture, ranks)
     return {
         "path": str(Path(adapter_dir).resolve()),
         "elastic": is_elastic_config(raw),
@@ -216,5 +225,6 @@ def inspect_adapter(adapter_dir: str | Path) -> dict:
         "peft_problems": problems_peft,
         "vllm_loadable": not problems_peft and not problems_vllm,
         "vllm_problems": problems_vllm,
-        "module_types_vllm_may_not_map": unmapped_module_types(ranks),
+        "base_architecture": architecture,
+        "module_types_vllm_may_not_map": [] if architecture in VLLM_LORA_MODULES else unmapped_module_types(ranks),
     }

@@ -2,7 +2,13 @@
 
 import pytest
 
-from elasticlora.vllm import buckets_below, unmapped_module_types, vllm_max_lora_rank, vllm_problems
+from elasticlora.vllm import (
+    architecture_problems,
+    buckets_below,
+    unmapped_module_types,
+    vllm_max_lora_rank,
+    vllm_problems,
+)
 
 
 @pytest.mark.parametrize("rank,bucket", [(1, 1), (2, 8), (8, 8), (9, 16), (64, 64), (300, 320), (512, 512)])
@@ -40,3 +46,17 @@ def test_a_plain_lora_config_has_no_vllm_problem():
 
 def test_module_types_outside_llama_are_listed():
     assert unmapped_module_types(["model.layers.0.self_attn.q_proj", "transformer.h.0.attn.c_attn"]) == ["c_attn"]
+
+
+@pytest.mark.parametrize(
+    "architecture,modules,problems",
+    [
+        ("LlamaForCausalLM", ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"], []),
+        ("Phi3ForCausalLM", ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"], []),
+        ("Phi3ForCausalLM", ["layers.0.q_proj"], ["vLLM's Phi3ForCausalLM takes no LoRA on ['q_proj']"]),
+        ("GPT2LMHeadModel", ["transformer.h.0.attn.c_attn"], ["vLLM's GPT2LMHeadModel does not support LoRA"]),
+        ("SomeNewForCausalLM", ["model.layers.0.whatever"], []),  # unknown: inspect's Llama-family note instead
+    ],
+)
+def test_architecture_problems_follow_vllms_model_classes(architecture, modules, problems):
+    assert architecture_problems(architecture, modules) == problems
