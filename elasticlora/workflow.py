@@ -88,6 +88,11 @@ def shrink_adapter(
             f"{out} already exists; choose another output directory or pass overwrite=True (--overwrite)"
         )
     raw_config = read_adapter_config(source)
+    if raw_config.get("target_parameters"):
+        raise ValueError(
+            f"{source} trains LoRA on 3-D parameters ({sorted(raw_config['target_parameters'])}, PEFT's "
+            "`target_parameters`: mixture-of-experts experts or routers); shrink truncates linear layers only"
+        )
     shapes = read_adapter_shapes(source)
     elastic = is_elastic_config(raw_config)
 

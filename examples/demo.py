@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument(
         "--model",
         default="smollm2",
-        help="base model path or hub id ('smollm2': packaged; 'tiny': a random test model)",
+        help="base model path or hub id ('smollm2', 'gemma3-270m': packaged; 'tiny': a random test model)",
     )
     parser.add_argument("--gguf-file")
     parser.add_argument("--data", default=str(DATA / "wordnet_train.jsonl"))

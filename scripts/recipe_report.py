@@ -70,9 +70,11 @@ def write_report(results: dict, out: Path) -> None:
     plt = _pyplot()
     picked = chosen(list(results["runs"].values()))
     clipped = f" Gradient clipped at norm {results['max_grad_norm']:g}." if results.get("max_grad_norm") else ""
+    model = f"{results['model']}, " if results.get("model", "smollm2") != "smollm2" else ""
+    rows = results.get("eval_rows", 300)
     lines = [
-        f"{results.get('machine', '')}. Test loss at the lr chosen on dev (seed 0); mean ±half-spread over seeds."
-        + clipped,
+        f"{model}{results.get('machine', '')}. Test loss at the lr chosen on dev (seed 0); mean ±half-spread over "
+        f"seeds; dev and test {rows // 2} rows each." + clipped,
         "",
     ]
     for task, steps in sorted({(t, s) for t, s, _ in picked}):

@@ -99,11 +99,13 @@ class Study:
         self.args = args
         self.dtype = torch.bfloat16 if args.bf16 else None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.base, tokenizer = load_model_and_tokenizer("smollm2")
+        self.base, tokenizer = load_model_and_tokenizer(args.model)
         self.base.to(self.device)
         train_path, eval_path = TASKS[args.task]
         self.train = eval_batches(tokenizer, train_path, batch_size=args.batch_size)
-        rows = load_rows(eval_path)
+        rows = load_rows(eval_path)[: args.eval_rows]
+        if len(rows) < args.eval_rows:
+            raise SystemExit(f"{eval_path} holds {len(rows)} rows, fewer than --eval-rows {args.eval_rows}")
         half = len(rows) // 2
         self.splits = {
             "dev": eval_batches(tokenizer, rows[:half], 32),
@@ -159,6 +161,10 @@ class Study:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="wordnet")
+    parser.add_argument("--model", default="smollm2", help="base model: a packaged short name, path or hub id")
+    parser.add_argument(
+        "--eval-rows", type=int, default=300, help="the first N eval rows: dev the first half, test the second"
+    )
     parser.add_argument("--arms", nargs="*", default=["lora", "default"])
     parser.add_argument("--steps", type=int, nargs="+", default=[60])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
@@ -177,10 +183,12 @@ def main() -> None:
 
         write_report(results, args.out)
         return
-    held = results.get("max_grad_norm") if results["runs"] else args.max_grad_norm  # files before it: unclipped
-    if held != args.max_grad_norm:
-        raise SystemExit(f"{args.out} holds runs with --max-grad-norm {held}: use another --out")
-    results["max_grad_norm"] = held
+    # a JSON holds runs of one setting; files written before a setting existed hold its default
+    for setting, default in (("max_grad_norm", None), ("model", "smollm2"), ("eval_rows", 300)):
+        held = results.get(setting, default) if results["runs"] else getattr(args, setting)
+        if held != getattr(args, setting):
+            raise SystemExit(f"{args.out} holds runs with --{setting.replace('_', '-')} {held}: use another --out")
+        results[setting] = held
     study = Study(args)
     machine = torch.cuda.get_device_name() if study.device.type == "cuda" else f"{platform.machine()} CPU"
     results.setdefault("machine", f"{machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -106,7 +106,7 @@ def main() -> None:
         if not (adapter / "adapter_config.json").exists():
             sys.exit(f"{adapter} is missing: run `make demo` and scripts/shrink_baselines.py first")
         path, dev_rows = TASKS[task]
-        rows = load_rows(path)
+        rows = load_rows(path)[:300]  # the rows the published table used
         dev = WORK / f"{task}_dev.jsonl"
         dev.write_text("".join(json.dumps(row) + "\n" for row in rows[:dev_rows]))
         test = eval_batches(tokenizer, rows[dev_rows:], batch_size=16)

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import transformers
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from elasticlora import (
@@ -170,3 +170,12 @@ def test_a_mixture_of_experts_adapter_holds_no_plain_lora(tmp_path):
 def test_target_parameters_are_refused():
     with pytest.raises(ValueError, match="`target_parameters=.*` is not supported by ElasticLoraConfig"):
         ElasticLoraConfig(target_parameters=["mlp.experts.gate_up_proj"])
+
+
+def test_a_plain_lora_on_expert_weights_is_refused_by_shrink(tmp_path):
+    build("mixtral").save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
+    get_peft_model(build("mixtral"), LoraConfig(target_modules="all-linear")).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="trains LoRA on 3-D parameters .*shrink truncates linear layers only"):
+        shrink_adapter(tmp_path / "adapter", str(tmp_path / "base"), ROWS, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
