@@ -3,9 +3,9 @@
 The convention is PEFT's own (`convert_to_lora`): every module's scale `scaling` is folded into `lora_B` in
 fp32, and the config sets `r = lora_alpha = max module rank` with `rank_pattern == alpha_pattern` keyed by full
 module names, so each module's PEFT scale `alpha_m / r_m` is exactly 1; `auto_mapping` records the base model's
-class, as PEFT does for a base without a hub id. Readers that ignore `rank_pattern` (vLLM
-< 0.32) still compute the right output from the folded weights as long as ranks are uniform, which `pad_to_max_rank`
-guarantees. Modules at rank 0 are absent. Writing the files is `adapter_io.adapter_files` / `write_atomically`.
+class, as PEFT does for a base without a hub id. Readers that ignore `rank_pattern` (vLLM < 0.32) still compute the
+right output from the folded weights as long as ranks are uniform, which `pad_to_max_rank` guarantees. Modules at
+rank 0 are absent. Writing the files is `adapter_io.adapter_files` / `write_atomically`.
 """
 
 from __future__ import annotations

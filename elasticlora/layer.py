@@ -9,11 +9,11 @@ singular basis `B A = (B N)(M A)` (`basis.py`) and an input `x` of shape (B, ...
     y[b] = W0 x[b] + scaling * B h[b]                     # k_b = r
     y[b] = W0 x[b] + scaling * B N[:, :k_b] M[:k_b] h[b]  # k_b < r
 
-in training, with the rank `k_b` of example b drawn once per forward pass for every layer (`sampler.py`, held with
-the basis group and the hooks by the adapter's `ElasticRuntime`, `runtime.py`): full-rank
-rows are exactly a plain LoRA step, and a truncated row still trains every component of A and B, through the top
-`k_b` singular directions of the current update (only the truncated rows pay for the extra r x k products). At a
-fixed rank k (eval, shrink, export) the layer computes `scaling * (B N[:, :k]) (M[:k] A) x`, the best rank-k
+in training, with the rank `k_b` of example b drawn once per forward pass for every layer (`sampler.py`; the
+adapter's `ElasticRuntime` in `runtime.py` holds the sampler, the basis group and the hooks): full-rank rows are
+exactly a plain LoRA step, and a truncated row still trains every component of A and B, through the top `k_b`
+singular directions of the current update (only the truncated rows pay for the extra r x k products). At a fixed
+rank k (eval, shrink, export) the layer computes `scaling * (B N[:, :k]) (M[:k] A) x`, the best rank-k
 approximation of the update, which is what export writes.
 """
 

@@ -3,6 +3,8 @@ takes LoRA on, and the adapter settings it refuses. `scripts/check_vllm.py` runs
 
 from __future__ import annotations
 
+import shlex
+
 # vLLM's --max-lora-rank choices; its punica kernels compute every adapter at the server's value, zero-padded
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # module names vLLM maps for Llama-family models (q/k/v into qkv_proj, gate/up into gate_up_proj)
@@ -81,4 +83,5 @@ def architecture_problems(architecture: str | None, module_names) -> list[str]:
 def vllm_serve_command(base_model: str, adapter_dir: str, max_lora_rank: int, name: str | None = None) -> str:
     """The `vllm serve` line that serves `adapter_dir` on `base_model` (vLLM's `--lora-modules NAME=PATH`)."""
     name = name or adapter_dir.rstrip("/").rsplit("/", 1)[-1] or "adapter"
-    return f"vllm serve {base_model} --enable-lora --lora-modules {name}={adapter_dir} --max-lora-rank {max_lora_rank}"
+    base, module = shlex.quote(base_model), shlex.quote(f"{name}={adapter_dir}")
+    return f"vllm serve {base} --enable-lora --lora-modules {module} --max-lora-rank {max_lora_rank}"
