@@ -124,6 +124,8 @@ def test_a_deep_copy_has_its_own_runtime_hooked_to_the_copy():
     copied(batch()), copied(batch())
     assert passes(copied) == 3 and passes(model) == 1
     assert all(layer.elastic_state["default"].runtime is copied_runtime for layer in elastic_layers(copied).values())
+    copied_runtime.detach()  # the copy's handles point at the copy's hooks
+    assert (len(copied._forward_pre_hooks), len(model._forward_pre_hooks)) == (0, 1)
 
 
 def test_the_draw_position_round_trips_and_continues_the_sequence():
