@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -18,14 +19,28 @@ def model_device(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters())
 
 
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the model's forward takes transformers' `logits_to_keep` (it then projects only those positions)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the scored tokens of one batch, and how many tokens were scored."""
-    labels = batch["labels"].to(device)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    # position t predicts token t + 1; only scored positions are upcast: (N, V) for N scored tokens, not (B, T, V)
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    loss = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
+    """Summed next-token cross-entropy over the scored tokens of one batch, and how many tokens were scored.
+
+    Position t predicts token t + 1. Only the positions some row scores go through the output head (transformers'
+    `logits_to_keep`), and only scored logits are upcast: for a 262k-token vocabulary (Gemma 3) the head over every
+    position is most of an eval pass."""
+    targets = batch["labels"].to(device)[:, 1:]
+    scored = targets != IGNORE_INDEX  # (B, T - 1)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if _keeps_logits(model):
+        positions = scored.any(0).nonzero().squeeze(1)  # (P,)
+        logits = model(**inputs, logits_to_keep=positions).logits  # (B, P, V)
+        scored, targets = scored[:, positions], targets[:, positions]
+    else:
+        logits = model(**inputs).logits[:, :-1]
+    loss = F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
     return loss, int(scored.sum())
 
 

@@ -3,12 +3,12 @@ import torch
 from peft import get_peft_model
 
 from elasticlora import ElasticLoraConfig, adapter_param_count, at_ranks, elastic_layers
-from elasticlora.data import make_batches
+from elasticlora.data import eval_batches, make_batches
 from elasticlora.evaluate import eval_loss
 from elasticlora.sensitivity import allocation_path, sensitivity
 from elasticlora.shrink import shrink, shrink_family, within_tolerance
 
-from conftest import VOCAB, randomize_lora, tiny_llama
+from conftest import MODELS, VOCAB, char_tokenizer, randomize_lora, tiny_llama
 
 SIGNAL = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
 
@@ -230,3 +230,25 @@ def test_sensitivity_freezes_everything_and_checkpointing_changes_nothing(input_
     assert all(p.grad is None for p in model.parameters()), "no weight gradients are computed"
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("model_id", sorted(MODELS))
+def test_eval_loss_is_the_token_level_cross_entropy_of_the_full_logits(model_id):
+    """Only the scored positions go through the output head; the loss is the mean cross-entropy over every scored
+    token, computed here from the model's full logits (rows scoring different positions, padding included)."""
+    model = MODELS[model_id]().eval()
+    rows = [
+        {"prompt": "define cat:", "completion": " a small animal."},
+        {"text": "the fox"},
+        {"prompt": "ab", "completion": "c"},
+    ]
+    batches = eval_batches(char_tokenizer(), rows, batch_size=3)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            scored = targets != -100
+            total += torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum").item()
+            count += int(scored.sum())
+    assert eval_loss(model, batches) == pytest.approx(total / count, rel=1e-6)
