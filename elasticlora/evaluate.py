@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from collections.abc import Sequence
@@ -22,7 +23,12 @@ def model_device(model: nn.Module) -> torch.device:
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the model's forward takes transformers' `logits_to_keep` (it then projects only those positions)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:

@@ -1,9 +1,9 @@
 """The runtime state of one elastic adapter in one model: its rank sampler, its basis group and its hooks.
 
-Building an elastic adapter (`get_peft_model(model, ElasticLoraConfig())`, `PeftModel.from_pretrained`,
-`add_adapter`, `load_elastic`) gives it one `ElasticRuntime`, held by every layer of that adapter
-(`layer.elastic_state[adapter].runtime`), so the model owns it: a deep copy of the model gets its own, and two
-models built from one config draw independently. The config stays a plain dataclass.
+Building an elastic adapter (`get_peft_model(model, ElasticLoraConfig())`, `add_adapter`, `load_elastic`, which
+is `PeftModel.from_pretrained` with an `ElasticLoraConfig`) gives it one `ElasticRuntime`, held by every layer of
+that adapter (`layer.elastic_state[adapter].runtime`), so the model owns it: a deep copy of the model gets its own,
+and two models built from one config draw independently. The config stays a plain dataclass.
 
 The runtime starts a new training pass (`RankSampler.new_pass`) whenever a module it hooks starts a forward pass:
 
