@@ -14,7 +14,9 @@ spec apart across code versions: `rotated:default`; each run records its commit)
 modes (two-pass, sandwich, ramped and annealed truncations, learned rank maps, low-rank-only draws) rerun at commit
 09cfe5f, with `scripts/recipe_modes.py` there; docs/results.md lists what each measured. Every (task, steps, arm,
 lr, seed) run is kept in the JSON as soon as it ends, and runs already there are skipped, so a cut-off study resumes
-where it stopped. `--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev.
+where it stopped. `--shrink` also shrinks elastic and `lora` runs (SVD-ordered) at those tolerances on dev; a kept
+run without a tolerance asked for now is trained again (a run is a function of its key), so a learning-rate sweep
+can skip shrinking and the rate it chooses be shrunk later.
 `--max-grad-norm 1` clips the gradient as Trainer does by default (runs before 2026-12-03 did not clip); a JSON holds
 runs of one setting only, so clipped runs go to their own file. `--plot` only redraws.
 
@@ -88,6 +90,13 @@ def commit() -> str:
 def per_ten_steps(values: list[float], digits: int) -> list[float]:
     """The mean of each 10 steps' values, rounded."""
     return [round(sum(values[i : i + 10]) / len(values[i : i + 10]), digits) for i in range(0, len(values), 10)]
+
+
+def missing_shrinks(entry: dict, tolerances: list[float]) -> bool:
+    """Whether a kept run lacks a shrink asked for now (then it is trained again: runs are deterministic)."""
+    if entry["arm"].split(":", 1)[-1].startswith("lora@"):
+        return False  # a grid run is never shrunk
+    return any(str(t) not in entry.get("shrink", {}) for t in tolerances)
 
 
 def run_key(task: str, steps: int, arm: str, lr: float, seed: int) -> str:
@@ -201,7 +210,7 @@ def main() -> None:
             for arm in args.arms:
                 for lr in args.lrs:
                     key = run_key(args.task, steps, arm, lr, seed)
-                    if key in results["runs"]:
+                    if key in results["runs"] and not missing_shrinks(results["runs"][key], args.shrink):
                         continue
                     entry = study.run(arm, steps, lr, seed)
                     entry.update(task=args.task, date=str(date.today()))
