@@ -42,6 +42,11 @@ _EXPORTS = {
     "add_rank_curve": "callbacks",
     "RankCurveCallback": "callbacks",
     "ElasticLoraCallback": "callbacks",
+    "ShrinkEstimateCallback": "callbacks",
+    "add_shrink_estimate": "callbacks",
+    "ShrinkEstimate": "estimate",
+    "estimate_shrink": "estimate",
+    "rank_advice": "advice",
 }
 
 __all__ = [
@@ -49,15 +54,19 @@ __all__ = [
     "ElasticLoraConfig",
     "ElasticRuntime",
     "RankCurveCallback",
+    "ShrinkEstimate",
+    "ShrinkEstimateCallback",
     "ShrinkOptions",
     "ShrinkResult",
     "adaptable_modules",
     "adapter_param_count",
     "add_rank_curve",
+    "add_shrink_estimate",
     "at_ranks",
     "attach_sampler",
     "elastic_layers",
     "elastic_runtimes",
+    "estimate_shrink",
     "eval_batches",
     "eval_loss",
     "export_peft_adapter",
@@ -67,6 +76,7 @@ __all__ = [
     "load_elastic",
     "max_ranks",
     "merge_and_unload_at",
+    "rank_advice",
     "rank_curve",
     "resolve_ranks",
     "set_ranks",
@@ -75,9 +85,18 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .adapter_io import is_elastic_adapter, load_elastic
-    from .callbacks import ElasticLoraCallback, RankCurveCallback, add_rank_curve, rank_curve
+    from .advice import rank_advice
+    from .callbacks import (
+        ElasticLoraCallback,
+        RankCurveCallback,
+        ShrinkEstimateCallback,
+        add_rank_curve,
+        add_shrink_estimate,
+        rank_curve,
+    )
     from .config import ElasticLoraConfig
     from .data import eval_batches
+    from .estimate import ShrinkEstimate, estimate_shrink
     from .evaluate import eval_loss
     from .export import export_peft_adapter
     from .model import adaptable_modules, attach_sampler, elastic_runtimes, get_elastic_model

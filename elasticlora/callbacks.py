@@ -1,11 +1,14 @@
-"""Trainer callbacks: keep the rank draws across checkpoints, and watch the rank-quality curve form.
+"""Trainer callbacks: keep the rank draws across checkpoints, watch the rank-quality curve form, and estimate what
+`elasticlora shrink` will export while training runs.
 
     trainer = Trainer(model=elastic_model, args=..., eval_dataset=...)      # or trl.SFTTrainer
     trainer.add_callback(ElasticLoraCallback())   # resume_from_checkpoint continues the draw sequence
     add_rank_curve(trainer, ranks=(1, 4, 16, None))                         # logs eval_loss@r1, ... eval_loss@full
+    add_shrink_estimate(trainer, tolerance=0.01)  # logs eval_shrink_params, eval_shrink_max_rank, ... every 200 steps
 
-For a custom loop, `rank_curve(model, batches)` returns the same numbers, and `elastic_runtimes(model)[adapter]`'s
-`state_dict()` / `load_state_dict()` carry the draw position through your own checkpoints.
+For a custom loop, `rank_curve(model, batches)` and `estimate_shrink(model, batches)` return the same numbers, and
+`elastic_runtimes(model)[adapter]`'s `state_dict()` / `load_state_dict()` carry the draw position through your own
+checkpoints. The shrink estimate works on plain PEFT LoRA models too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .estimate import ShrinkEstimate, estimate_shrink
 from .evaluate import eval_loss
 from .model import elastic_runtimes
 from .ranks import at_ranks
@@ -72,6 +76,81 @@ class RankCurveCallback(TrainerCallback):
         else:
             state.log_history.append({**curve, "step": state.global_step})
         return control
+
+
+class ShrinkEstimateCallback(TrainerCallback):
+    """Every `every` optimizer steps, and once at the end of training, predicts what `elasticlora shrink` at
+    `tolerance` would export (`estimate_shrink` on `batches`: parameters, largest module rank, vLLM bucket, r_max
+    advice) and logs it through the trainer's loggers as `eval_shrink_*`; the last estimate is printed at the end.
+
+    `every`: steps, or a fraction of the run's steps when below 1 (as `TrainingArguments.eval_steps`). The cost of a
+    call is about one training step over `batches` plus an eval pass over them; `add_shrink_estimate` keeps the sample
+    small. Without a trainer the numbers go to `state.log_history` only. `estimates` keeps every (step, estimate).
+    """
+
+    def __init__(
+        self,
+        batches,
+        tolerance: float = 0.01,
+        every: float = 200,
+        trainer=None,
+        mode: str = "relative",
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        if not every > 0:
+            raise ValueError(f"`every` must be > 0 (steps, or a fraction of the run below 1), got {every!r}")
+        self.batches = [{"attention_mask": torch.ones_like(b["input_ids"]), **b} for b in batches]
+        if not self.batches:
+            raise ValueError("the shrink estimate needs eval batches; got none")
+        self.tolerance, self.every, self.trainer = tolerance, every, trainer
+        self.mode, self.autocast_dtype = mode, autocast_dtype
+        self.estimates: list[tuple[int, ShrinkEstimate]] = []
+
+    def _interval(self, state) -> int:
+        return max(1, round(self.every * state.max_steps)) if self.every < 1 else int(self.every)
+
+    def _estimate(self, state, model) -> None:
+        estimate = estimate_shrink(
+            model, self.batches, self.tolerance, mode=self.mode, autocast_dtype=self.autocast_dtype
+        )
+        self.estimates.append((state.global_step, estimate))
+        metrics = estimate.metrics()
+        if self.trainer is not None:
+            self.trainer.log(metrics)
+        else:
+            state.log_history.append({**metrics, "step": state.global_step})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.global_step % self._interval(state) == 0:
+            self._estimate(state, model)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return control
+        if not self.estimates or self.estimates[-1][0] != state.global_step:
+            self._estimate(state, model)
+        if state.is_world_process_zero:
+            print(f"step {state.global_step}: {self.estimates[-1][1].summary()}")
+        return control
+
+
+def add_shrink_estimate(
+    trainer, tolerance: float = 0.01, every: float = 200, max_rows: int = 64, mode: str = "relative"
+) -> ShrinkEstimateCallback:
+    """Attach a `ShrinkEstimateCallback` to a transformers `Trainer` or TRL `SFTTrainer`, on the first `max_rows`
+    rows of its eval dataset (batched as its evaluation batches them); returns the callback."""
+    if trainer.eval_dataset is None:
+        raise ValueError("add_shrink_estimate needs the trainer's eval_dataset (held-out rows to measure on)")
+    batches, rows = [], 0
+    for batch in trainer.get_eval_dataloader():
+        batches.append({key: value for key, value in batch.items() if isinstance(value, torch.Tensor)})
+        rows += len(batch["input_ids"])
+        if rows >= max_rows:
+            break
+    callback = ShrinkEstimateCallback(batches, tolerance, every, trainer=trainer, mode=mode)
+    trainer.add_callback(callback)
+    return callback
 
 
 def add_rank_curve(trainer, ranks: Sequence[int | None] = DEFAULT_RANKS, max_batches: int | None = None):

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 
+import torch
 import torch.nn as nn
 
-from ._peft_compat import LoraModel
+from ._peft_compat import LoraLayer, LoraModel
+from .basis import svd_basis
 from .layer import ElasticLayerMixin
 
 RankSpec = int | Mapping[str, int | None] | None
@@ -123,3 +125,65 @@ def merge_and_unload_at(model: nn.Module, ranks: RankSpec, adapter_name: str | N
     """Merge the adapter truncated to `ranks` into the base weights and return the plain base model."""
     set_ranks(model, ranks, adapter_name)
     return model.merge_and_unload()
+
+
+def lora_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, LoraLayer]:
+    """The elastic layers of an elastic model; for a plain PEFT LoRA model, its LoRA layers that hold the adapter
+    (which `truncated` cuts through their singular basis)."""
+    layers = {name: m for name, m in _root(model).named_modules() if isinstance(m, LoraLayer)}
+    elastic = {name: m for name, m in layers.items() if isinstance(m, ElasticLayerMixin)}
+    if elastic:
+        return elastic
+    adapter = adapter_name or getattr(model, "active_adapter", None)
+    plain = {name: m for name, m in layers.items() if adapter in m.lora_A}
+    if not plain:
+        raise ValueError("the model has no LoRA layers: wrap it with `get_peft_model(model, ElasticLoraConfig())`")
+    dora = [name for name, m in plain.items() if m.use_dora.get(adapter)]
+    if dora:
+        raise ValueError(f"{dora[0]} uses DoRA: rank truncation applies to plain LoRA and elastic layers only")
+    return plain
+
+
+def singular_basis(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, N) of a LoRA layer's update (`basis.svd_basis`), from an elastic layer's cache when it has one."""
+    weight_a, weight_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if isinstance(layer, ElasticLayerMixin):
+        return layer.elastic_state[adapter].basis.current(weight_a, weight_b)
+    return svd_basis(weight_a, weight_b)
+
+
+@contextlib.contextmanager
+def truncated(model: nn.Module, ranks: RankSpec, adapter_name: str | None = None) -> Iterator[nn.Module]:
+    """`at_ranks` for an elastic model. For a plain PEFT LoRA model, each layer below its rank gets its rank-k SVD
+    truncation written into its factors (`M[:k] A` and `B N[:, :k]`, zero-padded to r), restored bit for bit on
+    exit; so no gradient step may run inside."""
+    layers = lora_layers(model, adapter_name)
+    if isinstance(next(iter(layers.values())), ElasticLayerMixin):
+        with at_ranks(model, ranks, adapter_name):
+            yield model
+        return
+    adapter = adapter_name or model.active_adapter
+    full = {name: layer.r[adapter] for name, layer in layers.items()}
+    wanted = full if ranks is None else ranks if isinstance(ranks, Mapping) else dict.fromkeys(full, ranks)
+    saved = []
+    try:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                k = full[name] if wanted.get(name) is None else min(wanted[name], full[name])
+                if k == full[name]:
+                    continue
+                weight_a, weight_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+                m, n = svd_basis(weight_a, weight_b)
+                saved.append((weight_a, weight_a.clone(), weight_b, weight_b.clone()))
+                cut_a = torch.zeros_like(weight_a)
+                cut_a[:k] = m[:k] @ weight_a.float()
+                cut_b = torch.zeros_like(weight_b)
+                cut_b[:, :k] = weight_b.float() @ n[:, :k]
+                weight_a.copy_(cut_a)
+                weight_b.copy_(cut_b)
+        yield model
+    finally:
+        with torch.no_grad():
+            for weight_a, copy_a, weight_b, copy_b in saved:
+                weight_a.copy_(copy_a)
+                weight_b.copy_(copy_b)

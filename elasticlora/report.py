@@ -1,4 +1,5 @@
-"""The shrink report: JSON, and a PNG with the per-module rank heatmap and the quality-vs-parameters curve."""
+"""The shrink report: JSON, and a PNG with the per-module rank heatmap, the quality-vs-parameters curve and the r_max
+advice."""
 
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ def plot_report(result: dict, path) -> None:
     ax_curve.set_ylabel(result["metric"])
     ax_curve.set_title("quality vs parameters (every configuration shrink measured)")
     ax_curve.legend()
+    if result.get("advice"):
+        fig.suptitle(f"r_max advice: {result['advice']['message']}", fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
 
@@ -73,8 +76,11 @@ def summary_lines(result: dict) -> list[str]:
         f"({100 * result['params'] / max(1, result['full_params']):.1f}%)",
         f"{result['metric']}: base {result['base_quality']:.4f} | full rank {result['full_quality']:.4f} | "
         f"shrunk {result['quality']:.4f} (best measured {result['best_quality']:.4f})",
-        f"passes over the eval data: {result['passes']}",
+        f"passes over the eval data: {result['passes_run']}"
+        + (" (one for the r_max advice)" if result["passes_run"] > result["passes"] else ""),
     ]
+    if result.get("advice"):
+        lines.append(f"r_max advice: {result['advice']['message']}")
     if result.get("rank_cap") is not None:
         cost = result["cap_quality"] - result["full_quality"]
         lines.insert(

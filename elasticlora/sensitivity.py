@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import batch_loss_sum, model_device
 from .loading import release_host_memory
-from .ranks import active_adapter_name, at_ranks, elastic_layers
+from .ranks import active_adapter_name, lora_layers, singular_basis, truncated
 
 
 @contextlib.contextmanager
@@ -55,6 +56,15 @@ def _checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
                 m._gradient_checkpointing_func = func
 
 
+@dataclass
+class Sensitivity:
+    """What the sensitivity pass measured: the cost curves, and the full-rank loss its forward passes computed."""
+
+    costs: dict[str, torch.Tensor]  # c_m(k), k = 0..r_m
+    loss: float  # mean loss per scored token at full rank
+    tokens: int  # scored tokens
+
+
 def sensitivity(
     model: nn.Module,
     batches: Sequence[dict[str, torch.Tensor]],
@@ -62,26 +72,25 @@ def sensitivity(
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
     gradient_checkpointing: bool = False,
-) -> dict[str, torch.Tensor]:
+) -> Sensitivity:
     """Estimated loss increase `c_m(k)` for truncating each module alone to k = 0..r_m (one forward+backward pass).
 
+    Works on elastic layers and on a plain PEFT LoRA model's layers (in their singular basis, computed here).
     Memory stays below one training step's at the eval batch size: every parameter is frozen and the graph starts at
     the input embeddings, so the backward pass computes activation gradients only (no weight gradient, and no
     module input kept for one).
     """
+    layers = lora_layers(model, adapter_name)
     adapter = active_adapter_name(model, adapter_name)
-    layers = elastic_layers(model)
     costs = {name: torch.zeros(layer.r[adapter] + 1, dtype=torch.float64) for name, layer in layers.items()}
     handles = []
 
     def attach(name: str, layer: nn.Module) -> None:
-        state = layer.elastic_state[adapter]
-        r = state.r
+        r = layer.r[adapter]
+        # components in the singular basis: z = M h, and dL/dz = N^T dL/dh
+        basis = [t.double() for t in singular_basis(layer, adapter)]
 
         def on_forward(module, inputs, h):
-            # components in the singular basis: z = M h, and dL/dz = N^T dL/dh
-            basis = [t.double() for t in state.basis.current(module.weight, layer.lora_B[adapter].weight)]
-
             def on_grad(u):
                 z, u = h.detach().double() @ basis[0].T, u.double() @ basis[1]
                 p = (u * z).reshape(-1, r)  # (N, r): per-token u_i z_i
@@ -104,15 +113,17 @@ def sensitivity(
     flags = [p.requires_grad for p in params]
     was_training = model.training
     device = model_device(model)
+    total, tokens = 0.0, 0
     model.eval()
     try:
-        with at_ranks(model, None, adapter), _checkpointed(model, gradient_checkpointing):
+        with truncated(model, None, adapter), _checkpointed(model, gradient_checkpointing):
             for p in params:
                 p.requires_grad_(False)
             for batch in tqdm(batches, desc="sensitivity", disable=not progress, leave=False):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss, _ = batch_loss_sum(model, batch, device)
+                    loss, count = batch_loss_sum(model, batch, device)
                 loss.backward()
+                total, tokens = total + loss.item(), tokens + count
                 if device.type == "cpu":
                     release_host_memory()
     finally:
@@ -121,7 +132,9 @@ def sensitivity(
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
-    return costs
+    if tokens == 0:
+        raise ValueError("the eval batches hold no tokens to score")
+    return Sensitivity(costs, total / tokens, tokens)
 
 
 def _lower_hull(costs: torch.Tensor) -> list[int]:

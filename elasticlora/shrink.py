@@ -14,6 +14,7 @@ The search costs a fixed number of passes over the eval data, whatever the model
    truncation that turned out better).
 
 Passes: 1 sensitivity + 1 full rank + 1 base (all ranks 0) + bisection probes, `max_passes` in all (default 12).
+Then, for the r_max advice (`advice.py`), one more pass when some modules kept their full rank: those modules at half.
 Every truncation keeps a module's top singular directions, so a plain (non-elastic) LoRA is searched over its best
 low-rank approximations (LoRA-Squeeze / PEFT `convert_to_lora`).
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .advice import rank_advice
 from .evaluate import eval_loss
 from .options import check_max_rank, check_tolerance
 from .ranks import active_adapter_name, at_ranks, max_ranks, module_shapes
@@ -64,6 +66,8 @@ class ShrinkResult:
     cap_quality: float | None = None  # quality of the capped adapter before per-module ranks (None without a cap)
     passes_run: int = 0  # passes the call ran in all: `passes` for one tolerance, fewer than their sum for several
     curve: list[dict] = field(default_factory=list)  # every measured configuration: params, quality, within
+    cut_quality: float | None = None  # quality with the modules kept at full rank halved (measured for `advice`)
+    advice: dict | None = None  # r_max advice (`advice.rank_advice`); None for a parameter budget
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,7 +168,7 @@ def shrink_family(
             bar.set_postfix({metric_name: f"{value:.4f}"})
         return measured[key]
 
-    costs = sensitivity(model, batches, adapter, progress, autocast_dtype, gradient_checkpointing)
+    costs = sensitivity(model, batches, adapter, progress, autocast_dtype, gradient_checkpointing).costs
     bar.update(1)
     search = _Search(costs, widths, max_ranks(model, adapter), probe, mode, higher_is_better, max_passes, max_rank)
     try:
@@ -172,11 +176,26 @@ def shrink_family(
             results = [search.within_budget(max_params, metric_name)]
         else:
             results = [search.run(tolerance, metric_name) for tolerance in tolerances]
+            for result in results:
+                result.advice = _advice(result, search.full, widths, probe)
     finally:
         bar.close()
     for result in results:
         result.passes_run = len(measured) + 1
     return results
+
+
+def _advice(result: ShrinkResult, full: dict[str, int], widths: dict[str, int], probe) -> dict:
+    """`advice.rank_advice` for a result, measuring the cost of halving its modules kept at full rank (one pass)."""
+    at_full = {name for name, k in result.ranks.items() if 0 < k == full[name]}
+    cut_cost = None
+    if at_full:
+        cut = {name: k // 2 if name in at_full else k for name, k in result.ranks.items()}
+        result.cut_quality = probe(cut)
+        slack = result.tolerance * abs(result.best_quality) if result.mode == "relative" else result.tolerance
+        sign = -1.0 if result.higher_is_better else 1.0
+        cut_cost = sign * (result.cut_quality - result.quality) / slack
+    return rank_advice(result.ranks, full, widths, cut_cost, result.metric)
 
 
 class _Search:

@@ -166,7 +166,7 @@ def shrink_adapter(
         return reports[0]
     index = [
         {key: report[key] for key in ("tolerance", "params", "quality", "export_max_rank", "vllm_max_lora_rank")}
-        | {"dir": Path(report["out"]).name}
+        | {"dir": Path(report["out"]).name, "advice": report["advice"]["message"]}
         for report in reports
     ]
     passes_run = results[0].passes_run
@@ -178,6 +178,7 @@ def shrink_adapter(
         f"{entry['vllm_max_lora_rank']}) -> {entry['dir']}/"
         for entry in index
     ]
+    summary += [f"tolerance {entry['tolerance']:g}: r_max advice: {entry['advice']}" for entry in index]
     summary.append(f"passes over the eval data: {passes_run} for {len(index)} adapters")
     return {"family": reports, "out": str(out), "passes_run": passes_run, "summary": summary}
 

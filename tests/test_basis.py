@@ -338,9 +338,9 @@ def test_shrink_reads_the_singular_components_and_leaves_the_model_alone(tmp_pat
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         sliced = (b[:, :2] @ a[:2]) * layer.scaling["default"]
         assert torch.allclose(sliced, elastic_delta_weight(layer, "default", 2), atol=1e-5)
-    expected = sensitivity(ordered, batches, progress=False)
+    expected = sensitivity(ordered, batches, progress=False).costs
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    got = sensitivity(model, batches, progress=False)
+    got = sensitivity(model, batches, progress=False).costs
     assert all(torch.allclose(got[n], expected[n], rtol=1e-4, atol=1e-12) for n in expected)
     shrink(model, batches, tolerance=0.05, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())

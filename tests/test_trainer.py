@@ -1,12 +1,13 @@
-"""transformers Trainer and TRL SFTTrainer run elastic models unchanged, with the rank-curve callback."""
+"""transformers Trainer and TRL SFTTrainer run elastic models unchanged, with the rank-curve and shrink-estimate
+callbacks."""
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from elasticlora import ElasticLoraCallback, ElasticLoraConfig, elastic_layers, elastic_runtimes
-from elasticlora.callbacks import add_rank_curve, rank_curve
+from elasticlora import ElasticLoraCallback, ElasticLoraConfig, elastic_layers, elastic_runtimes, estimate_shrink
+from elasticlora.callbacks import add_rank_curve, add_shrink_estimate, rank_curve
 from elasticlora.data import tokenize_rows
 from elasticlora.layer import ElasticLinear
 
@@ -110,6 +111,38 @@ def test_a_resumed_run_continues_the_draw_sequence(tmp_path):
             assert resumed_draws == straight_draws and same
         else:
             assert resumed_draws == {"passes": 4, "draws": 16} and not same
+
+
+@pytest.mark.parametrize("kind", ["elastic", "plain"])
+def test_the_shrink_estimate_logs_during_training_and_changes_nothing(tmp_path, kind, capsys):
+    """`add_shrink_estimate` logs eval_shrink_* every `every` steps (what `estimate_shrink` gives on the weights of
+    that step) and prints the last at the end; a run with it trains exactly as one without."""
+    config = ElasticLoraConfig(r=8) if kind == "elastic" else LoraConfig(r=8, target_modules="all-linear")
+
+    def run(out, estimate: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), config)
+        trainer = Trainer(
+            model=model,
+            args=trainer_args(out, max_steps=4, eval_strategy="no", save_strategy="no"),
+            train_dataset=dataset(),
+            eval_dataset=dataset()[:8],
+            data_collator=DataCollatorForSeq2Seq(char_tokenizer(), padding=True),
+        )
+        callback = add_shrink_estimate(trainer, every=0.5, max_rows=8) if estimate else None
+        trainer.train()
+        return trainer, callback, {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+    trainer, callback, weights = run(tmp_path / "with", estimate=True)
+    _, _, plain_weights = run(tmp_path / "without", estimate=False)
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights), "the estimate leaves training alone"
+    logged = [entry for entry in trainer.state.log_history if "eval_shrink_params" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    assert {"eval_shrink_max_rank", "eval_shrink_vllm_max_lora_rank", "eval_shrink_advised_r"} <= logged[-1].keys()
+    again = estimate_shrink(trainer.model, callback.batches)  # on the final weights
+    assert logged[-1]["eval_shrink_params"] == again.params and logged[-1]["eval_shrink_max_rank"] == again.max_rank
+    assert sum(len(batch["input_ids"]) for batch in callback.batches) == 8
+    assert "shrink estimate at tolerance 0.01" in capsys.readouterr().out
 
 
 def test_sft_trainer_with_an_elastic_peft_config(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from elasticlora import ElasticLoraConfig, at_ranks, load_elastic
+from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, load_elastic, rank_advice
 from elasticlora.cli import main
 from elasticlora.data import eval_batches
 from elasticlora.workflow import inspect_adapter, shrink_adapter
@@ -26,6 +26,12 @@ def save_adapter(path, config, train=True):
         randomize_lora(model)
     model.save_pretrained(path)
     return path
+
+
+def tiny_widths() -> dict[str, int]:
+    """in + out features of every module an elastic adapter of `tiny_llama` adapts (the saved base)."""
+    model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=8))
+    return {name: layer.in_features + layer.out_features for name, layer in elastic_layers(model).items()}
 
 
 @pytest.fixture
@@ -51,6 +57,11 @@ def test_shrink_adapter_writes_a_plain_adapter_and_report(setup):
     assert report["passes"] <= 12 and report["quality"] <= report["best_quality"] * 1.01
     saved = json.loads((out / "report.json").read_text())
     assert saved["ranks"] == report["ranks"] and saved["vllm_max_lora_rank"] in (1, 8)
+    advice = saved["advice"]  # the r_max advice on the same ranks, and in the summary
+    assert advice == rank_advice(
+        report["ranks"], dict.fromkeys(report["ranks"], 8), tiny_widths(), advice["cut_cost_tolerances"]
+    )
+    assert f"r_max advice: {advice['message']}" in report["summary"]
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     plain = PeftModel.from_pretrained(tiny_llama(), out)
     assert type(plain.peft_config["default"]) is LoraConfig
@@ -185,6 +196,9 @@ def test_a_family_of_exports_equals_the_single_tolerance_runs(setup, tmp_path):
     index = json.loads((out / "family.json").read_text())
     assert [entry["dir"] for entry in index["adapters"]] == ["tolerance-0.005", "tolerance-0.02", "tolerance-0.04"]
     assert index["passes_run"] == family["passes_run"] < sum(r["passes"] for r in family["family"])
+    for entry, report in zip(index["adapters"], family["family"]):
+        assert entry["advice"] == report["advice"]["message"]
+        assert f"tolerance {entry['tolerance']:g}: r_max advice: {entry['advice']}" in family["summary"]
     for tolerance, entry in zip(tolerances, index["adapters"]):
         single = shrink_adapter(adapter, str(base), data, tmp_path / f"single-{tolerance}", tolerance=tolerance,
                                 progress=False)  # fmt: skip

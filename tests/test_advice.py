@@ -1,0 +1,156 @@
+"""r_max advice and the early shrink estimate, on elastic and plain PEFT LoRA models."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, estimate_shrink, load_elastic, rank_advice
+from elasticlora.advice import CAPACITY_LIMIT, TRAINING_BYTES_PER_PARAM
+from elasticlora.data import make_batches
+from elasticlora.evaluate import eval_loss
+from elasticlora.ranks import truncated
+from elasticlora.sensitivity import allocation_path, sensitivity
+from elasticlora.shrink import shrink
+
+from conftest import VOCAB, randomize_lora, tiny_llama
+
+SIGNAL = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+
+
+def teacher_task(r: int, signal_rank: int, seed: int = 0, noise: float = 0.0):
+    """An elastic adapter of rank `r` whose only non-zero modules carry a rank-`signal_rank` update (plus `noise` in
+    every factor), and eval data sampled from base + that adapter: shrink should keep `signal_rank` components in
+    those modules, and drop the rest when there is no noise."""
+    base = tiny_llama(layers=2)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(100)  # a peaked next-token distribution, so the signal shows in the loss
+    model = get_peft_model(base, ElasticLoraConfig(r=r))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, layer in elastic_layers(model).items():
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            a.zero_()
+            b.zero_()
+            if name in SIGNAL:
+                a[:signal_rank] = torch.randn(signal_rank, a.shape[1], generator=gen) * 1.5
+                b[:, :signal_rank] = torch.randn(b.shape[0], signal_rank, generator=gen) * 1.5
+            a.add_(torch.randn(a.shape, generator=gen) * noise)
+            b.add_(torch.randn(b.shape, generator=gen) * noise)
+        model.eval()
+        torch.manual_seed(seed + 1)
+        tokens = torch.randint(0, VOCAB, (48, 1))
+        for _ in range(15):  # sample from the teacher
+            logits = model(tokens).logits[:, -1]
+            tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1)], dim=1)
+    examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in tokens]
+    return model, make_batches(examples, batch_size=16, pad_token_id=0)
+
+
+def widths_of(model):
+    return {name: layer.in_features + layer.out_features for name, layer in elastic_layers(model).items()}
+
+
+def test_rank_advice_rule():
+    full = {"a": 16, "b": 16, "c": 8}
+    widths = {"a": 100, "b": 50, "c": 30}
+    over = rank_advice({"a": 3, "b": 0, "c": 1}, full, widths)
+    assert over["verdict"] == "oversized" and over["advised_r"] == 8  # 2 * 3 = 6 -> 8
+    # memory: every module trained at min(its rank, 8) instead of its rank, 16 bytes per parameter
+    assert over["training_memory_saved_bytes"] == ((16 - 8) * 100 + (16 - 8) * 50) * TRAINING_BYTES_PER_PARAM
+    fits = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT / 2)
+    assert fits["verdict"] == "fits" and fits["advised_r"] == 16 and fits["full_rank_modules"] == ["a", "c"]
+    limited = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT * 3)
+    assert limited["verdict"] == "capacity-limited" and limited["advised_r"] == 32
+    assert limited["training_memory_saved_bytes"] < 0
+    assert "a" in limited["full_rank_modules"] and "3.0 tolerances" in limited["message"]
+    assert rank_advice({"a": 16, "b": 5, "c": 8}, full, widths)["verdict"] == "fits", "unmeasured: no verdict on it"
+
+
+def test_an_oversized_run_gets_a_smaller_r():
+    model, batches = teacher_task(r=16, signal_rank=2)
+    result = shrink(model, batches, tolerance=0.01, progress=False)
+    assert {name for name, k in result.ranks.items() if k} == set(SIGNAL)
+    largest = max(result.ranks.values())
+    assert largest <= 2
+    assert result.advice["verdict"] == "oversized"
+    assert result.advice["advised_r"] == (4 if largest == 2 else 2)
+    assert result.cut_quality is None and result.passes_run == result.passes  # no module at full rank: no extra pass
+
+
+def test_a_capacity_limited_run_is_told_and_the_cut_cost_is_measured():
+    model, batches = teacher_task(r=2, signal_rank=2)  # the signal needs every component the adapter has
+    result = shrink(model, batches, tolerance=0.01, progress=False)
+    assert all(result.ranks[name] == 2 for name in SIGNAL)
+    advice = result.advice
+    assert advice["verdict"] == "capacity-limited" and advice["advised_r"] == 4
+    assert set(advice["full_rank_modules"]) == set(SIGNAL)
+    halved = {name: k // 2 for name, k in result.ranks.items()}
+    with at_ranks(model, halved):
+        assert eval_loss(model, batches) == pytest.approx(result.cut_quality, rel=1e-6)
+    slack = 0.01 * result.best_quality
+    assert advice["cut_cost_tolerances"] == pytest.approx((result.cut_quality - result.quality) / slack)
+    assert result.passes_run == result.passes + 1
+
+
+def plain_and_elastic(tmp_path, r=8):
+    """A plain PEFT LoRA model with random factors, and the same adapter loaded elastically."""
+    torch.manual_seed(0)
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=r, lora_alpha=16, target_modules="all-linear"))
+    randomize_lora(plain)
+    plain.save_pretrained(tmp_path / "plain")
+    return plain.eval(), load_elastic(tiny_llama(), tmp_path / "plain").eval()
+
+
+def test_truncating_a_plain_lora_is_its_svd_truncation_and_restores_it(tmp_path, input_ids):
+    plain, _ = plain_and_elastic(tmp_path)
+    reference = tiny_llama().eval()  # base + each module's rank-3 SVD truncation, merged by hand
+    with torch.no_grad():
+        named = dict(reference.named_modules())
+        for name, module in plain.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                delta = module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+                u, s, vh = torch.linalg.svd(delta.double())
+                cut = (u[:, :3] * s[:3]) @ vh[:3]
+                named[name.removeprefix("base_model.model.")].weight += cut.float()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with torch.no_grad(), truncated(plain, 3):
+        got = plain(input_ids).logits
+    torch.testing.assert_close(got, reference(input_ids).logits, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items()), "the factors are restored exactly"
+
+
+def test_sensitivity_and_estimate_of_a_plain_lora_equal_the_elastic_loads(tmp_path, input_ids):
+    plain, elastic = plain_and_elastic(tmp_path)
+    batches = make_batches([{"input_ids": row.tolist(), "labels": row.tolist()} for row in input_ids], 2, 0)
+    a, b = sensitivity(plain, batches, progress=False), sensitivity(elastic, batches, progress=False)
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.tokens == b.tokens
+    assert all(torch.allclose(a.costs[n], b.costs[n], rtol=1e-4, atol=1e-12) for n in b.costs)
+    x, y = estimate_shrink(plain, batches), estimate_shrink(elastic, batches)
+    assert x.ranks == y.ranks and x.probe_loss == pytest.approx(y.probe_loss, rel=1e-6)
+
+
+def test_the_estimate_measures_its_probe_and_predicts_along_the_allocation_path():
+    model, batches = teacher_task(r=8, signal_rank=2, noise=0.1)  # every module matters a little: a path to trade
+    estimate = estimate_shrink(model, batches, tolerance=0.01)
+    measured = sensitivity(model, batches, progress=False)
+    path = allocation_path(measured.costs, widths_of(model))
+    assert estimate.ranks in path
+    probe = next(ranks for ranks in path if sum(k * w for k, w in zip(ranks.values(), widths_of(model).values()))
+                 == estimate.probe_params)  # fmt: skip
+    with at_ranks(model, probe):
+        assert eval_loss(model, batches) == pytest.approx(estimate.probe_loss, rel=1e-6)
+    assert estimate.full_loss == pytest.approx(eval_loss(model, batches), rel=1e-5)
+
+    # the documented prediction: full loss + scale * sum_m c_m(k_m) / (2 N), the scale fitted at the probe
+    def predicted(ranks):
+        increase = sum(float(measured.costs[n][k].clamp_min(0)) for n, k in ranks.items()) / (2 * measured.tokens)
+        return estimate.full_loss + estimate.scale * increase
+
+    assert predicted(probe) == pytest.approx(estimate.probe_loss, rel=1e-6)
+    assert predicted(estimate.ranks) == pytest.approx(estimate.predicted_loss, rel=1e-9)
+    # the estimate is the last configuration on the path predicted within tolerance
+    index = path.index(estimate.ranks)
+    assert predicted(path[index]) <= estimate.full_loss * 1.01 < predicted(path[index + 1])
+    assert all(estimate.ranks[name] >= 2 for name in SIGNAL)
+    result = shrink(model, batches, tolerance=0.01, progress=False)
+    assert 0.5 * result.params <= estimate.params <= 2 * result.params
