@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -59,10 +59,12 @@ def train_steps(
     warmup_steps: int = 0,
     max_grad_norm: float | None = None,
     grad_norms: list[float] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """AdamW on the trainable parameters for `steps` batches (cycling through shuffled `batches`), linear decay;
     with `max_grad_norm`, the gradient is clipped to that total norm first (Trainer's default is 1.0) and each step's
-    norm before clipping is appended to `grad_norms` if given.
+    norm before clipping is appended to `grad_norms` if given. `on_step(step)` runs after each optimizer step
+    (numbered from 1), as a Trainer callback's `on_step_end`.
 
     Returns the training loss of every step.
     """
@@ -98,5 +100,7 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(len(losses))
     model.eval()
     return losses

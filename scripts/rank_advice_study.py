@@ -1,0 +1,214 @@
+"""Does the r_max advice hold when the run is repeated at the advised r, and how early does the shrink estimate settle?
+
+Trains SmolLM2-135M-Instruct with `ElasticLoraConfig(r=R)` (the default recipe otherwise) as `recipe_study.py` does
+(batch 16, AdamW, 5% warmup, linear decay, gradient clipped at norm 1), on `wordnet` or `cmudict`. During training,
+`estimate_shrink` runs at 10%, 20% and 50% of the steps and at the end, on the first 64 dev rows (what
+`add_shrink_estimate` takes by default); at the end `shrink` runs on dev (the eval file's first 150 rows) at the
+tolerance, and the export is scored on test (the next 150), with its r_max advice. `--follow-advice` repeats a run
+whose advice is not "fits" at the advised r (same task, length, learning rate and seed). Every run is kept in the JSON
+as soon as it ends and runs already there are skipped, so a cut-off study resumes where it stopped. `--report`
+prints the goal tables from the JSON.
+
+    python scripts/rank_advice_study.py --task cmudict --r 4 --steps 60 --lr 2e-3 --seeds 0 1 2 --follow-advice \\
+        --out scripts/results/rank_advice.json
+    python scripts/rank_advice_study.py --task wordnet --r 128 --steps 60 --lr 2e-3 --seeds 0 1 2 --follow-advice \\
+        --out scripts/results/rank_advice.json
+    python scripts/rank_advice_study.py --task cmudict --r 32 --steps 60 180 --lr 2e-3 --seeds 0 1 2 \\
+        --out scripts/results/rank_advice.json
+    python scripts/rank_advice_study.py --report --out scripts/results/rank_advice.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from elasticlora import ElasticLoraConfig, at_ranks, estimate_shrink, eval_batches, eval_loss
+from elasticlora.advice import TRAINING_BYTES_PER_PARAM
+from elasticlora.data import load_rows
+from elasticlora.shrink import shrink
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from recipe_study import TASKS, commit  # noqa: E402
+
+from common import load_model, train_steps  # noqa: E402
+
+FRACTIONS = (0.1, 0.2, 0.5, 1.0)
+SAMPLE_ROWS = 64
+
+
+def run_key(task: str, steps: int, r: int, lr: float, seed: int) -> str:
+    return f"{task}|{steps}|r{r}|{lr:g}|{seed}"
+
+
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.base, tokenizer = load_model(args.model)
+        train_path, eval_path = TASKS[args.task]
+        self.train = eval_batches(tokenizer, train_path, batch_size=16)
+        rows = load_rows(eval_path)[:300]
+        self.dev = eval_batches(tokenizer, rows[:150], 32)
+        self.test = eval_batches(tokenizer, rows[150:], 32)
+        self.sample = eval_batches(tokenizer, rows[:SAMPLE_ROWS], 32)
+
+    def run(self, steps: int, r: int, lr: float, seed: int) -> dict:
+        torch.manual_seed(seed)
+        model = get_peft_model(copy.deepcopy(self.base), ElasticLoraConfig(r=r))
+        at = {max(1, round(f * steps)): f for f in FRACTIONS}
+        estimates = []
+
+        def on_step(step: int) -> None:
+            if step in at:
+                estimate = estimate_shrink(model, self.sample, self.args.tolerance)
+                estimates.append({"step": step, "fraction": at[step], **_estimate_entry(estimate)})
+
+        start = time.time()
+        train_steps(
+            model, self.train, steps, lr, seed=seed, progress=False, warmup_steps=max(1, steps // 20),
+            max_grad_norm=1.0, on_step=on_step,
+        )  # fmt: skip
+        seconds = time.time() - start - sum(e["seconds"] for e in estimates)
+        start = time.time()
+        result = shrink(model, self.dev, tolerance=self.args.tolerance, progress=False)
+        shrink_seconds = time.time() - start
+        with at_ranks(model, result.ranks):
+            test = eval_loss(model, self.test)
+        return {
+            "steps": steps, "r": r, "lr": lr, "seed": seed,
+            "train_seconds": seconds, "step_seconds": seconds / steps,
+            "adapter_training_bytes": result.full_params * TRAINING_BYTES_PER_PARAM,
+            "full_test": eval_loss(model, self.test),
+            "estimates": estimates,
+            "shrink": {
+                "params": result.params, "max_rank": max(result.ranks.values()),
+                "vllm_max_lora_rank": _bucket(max(result.ranks.values())), "dev": result.quality, "test": test,
+                "passes": result.passes_run, "seconds": shrink_seconds, "advice": result.advice,
+            },
+            "commit": commit(),
+        }  # fmt: skip
+
+
+def _bucket(rank: int) -> int:
+    from elasticlora.vllm import vllm_max_lora_rank
+
+    return vllm_max_lora_rank(max(1, rank))
+
+
+def _estimate_entry(estimate) -> dict:
+    return {
+        "params": estimate.params, "max_rank": estimate.max_rank, "vllm_max_lora_rank": estimate.vllm_max_lora_rank,
+        "verdict": estimate.advice["verdict"], "advised_r": estimate.advice["advised_r"],
+        "predicted_loss": estimate.predicted_loss, "probe_loss": estimate.probe_loss, "full_loss": estimate.full_loss,
+        "scale": estimate.scale, "seconds": estimate.seconds,
+    }  # fmt: skip
+
+
+def report(results: dict, tolerance: float) -> str:
+    """The goal tables: the advice against the rerun at the advised r, and the estimate against the final shrink."""
+    runs = results["runs"]
+    lines = ["## r_max advice, rerun at the advised r", ""]
+    lines += [
+        "| task, steps, seed | r | verdict (advised r) | shrunk: params, test | rerun r | rerun shrunk: params, "
+        "test | test change | goal | step time | adapter training state |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, run in runs.items():
+        task = key.split("|")[0]
+        advice = run["shrink"]["advice"]
+        follow = runs.get(run_key(task, run["steps"], advice["advised_r"], run["lr"], run["seed"]))
+        if advice["verdict"] == "fits" or follow is None or follow is run:
+            continue
+        change = follow["shrink"]["test"] / run["shrink"]["test"] - 1
+        # capacity-limited: the rerun's export is better by more than the tolerance; oversized: within it
+        met = change < -tolerance if advice["verdict"] == "capacity-limited" else change <= tolerance
+        lines.append(
+            f"| {task}, {run['steps']}, {run['seed']} | {run['r']} | {advice['verdict']} ({advice['advised_r']}) | "
+            f"{run['shrink']['params'] / 1e6:.2f} M, {run['shrink']['test']:.4f} | {follow['r']} | "
+            f"{follow['shrink']['params'] / 1e6:.2f} M, {follow['shrink']['test']:.4f} | {100 * change:+.2f}% | "
+            f"{'met' if met else 'missed'} | {follow['step_seconds'] / run['step_seconds']:.2f}x | "
+            f"{follow['adapter_training_bytes'] / run['adapter_training_bytes']:.2f}x |"
+        )
+    lines += ["", "## The estimate against the final shrink", ""]
+    lines += [
+        "| task, steps, r | at | estimate / final params (min-max over seeds) | same vLLM bucket | "
+        "estimate cost per call |",
+        "|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for key, run in runs.items():
+        groups.setdefault((key.split("|")[0], run["steps"], run["r"]), []).append(run)
+    for (task, steps, r), group in groups.items():
+        for fraction in FRACTIONS:
+            ratios, same, cost = [], [], []
+            for run in group:
+                estimate = next(e for e in run["estimates"] if e["fraction"] == fraction)
+                ratios.append(estimate["params"] / max(1, run["shrink"]["params"]))
+                same.append(estimate["vllm_max_lora_rank"] == run["shrink"]["vllm_max_lora_rank"])
+                cost.append(estimate["seconds"] / run["step_seconds"])
+            lines.append(
+                f"| {task}, {steps}, {r} | {100 * fraction:.0f}% | {statistics.mean(ratios):.2f} "
+                f"({min(ratios):.2f}-{max(ratios):.2f}) | {sum(same)}/{len(same)} | "
+                f"{statistics.mean(cost):.1f} steps |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="cmudict")
+    parser.add_argument("--model", default="smollm2", help="a packaged short name, path or hub id; tiny: a smoke test")
+    parser.add_argument("--r", type=int, nargs="+", default=[32], help="r_max of the runs")
+    parser.add_argument("--steps", type=int, nargs="+", default=[60])
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--follow-advice", action="store_true", help="rerun at the advised r unless it is r")
+    parser.add_argument("--report", action="store_true", help="only print the tables from --out")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+    if args.report:
+        print(report(results, args.tolerance))
+        return
+    study = Study(args)
+    results.setdefault(
+        "machine", f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def do(steps: int, r: int, seed: int) -> dict:
+        key = run_key(args.task, steps, r, args.lr, seed)
+        if key not in results["runs"]:
+            entry = study.run(steps, r, args.lr, seed)
+            entry.update(task=args.task, tolerance=args.tolerance, date=str(date.today()))
+            results["runs"][key] = entry
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(args.out)
+            shrunk, advice = entry["shrink"], entry["shrink"]["advice"]
+            print(f"{key}: {shrunk['params']:,} params, test {shrunk['test']:.4f}; {advice['message']}", flush=True)
+        return results["runs"][key]
+
+    for steps in args.steps:
+        for seed in args.seeds:
+            for r in args.r:
+                advice = do(steps, r, seed)["shrink"]["advice"]
+                if args.follow_advice and advice["advised_r"] != r:
+                    do(steps, advice["advised_r"], seed)
+
+
+if __name__ == "__main__":
+    main()
