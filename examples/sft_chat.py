@@ -1,4 +1,5 @@
-"""TRL's SFTTrainer with an elastic adapter on chat data, the rank curve logged at every evaluation.
+"""TRL's SFTTrainer with an elastic adapter on chat data, the rank curve logged at every evaluation, and an estimate
+of what `elasticlora shrink` will export logged as training goes (printed at the end).
 
     python examples/sft_chat.py                      # packaged SmolLM2-135M-Instruct, WordNet as chat turns
     python examples/sft_chat.py --model tiny --steps 4
@@ -16,7 +17,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from elasticlora import ElasticLoraConfig
-from elasticlora.callbacks import add_rank_curve
+from elasticlora.callbacks import add_rank_curve, add_shrink_estimate
 from elasticlora.data import load_rows
 
 from common import DATA, load_model
@@ -84,6 +85,7 @@ def main() -> None:
         peft_config=ElasticLoraConfig(r=args.max_rank),
     )
     add_rank_curve(trainer, ranks=(1, 4, 16, None))
+    add_shrink_estimate(trainer, tolerance=0.01, every=0.5)  # halfway and at the end: eval_shrink_params, ...
     trainer.train()
     trainer.save_model(str(args.out / "adapter"))
     curves = [entry for entry in trainer.state.log_history if "eval_loss@full" in entry]

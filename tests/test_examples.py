@@ -56,10 +56,11 @@ def run_example(name: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     return done
 
 
-def test_sft_chat_example_logs_the_rank_curve(tmp_path):
+def test_sft_chat_example_logs_the_rank_curve_and_the_shrink_estimate(tmp_path):
     done = run_example("sft_chat.py", "--model", "tiny", "--steps", "2", "--train-rows", "32", "--eval-rows", "8",
                        "--out", str(tmp_path))  # fmt: skip
     assert "'eval_loss@r1'" in done.stdout and "'eval_loss@full'" in done.stdout
+    assert "step 2: shrink estimate at tolerance 0.01:" in done.stdout and "vLLM --max-lora-rank" in done.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -81,7 +82,8 @@ def test_trainer_example_runs_in_one_process(tmp_path):
 
 
 def test_train_steps_clips_the_gradient_the_optimizer_sees():
-    """`train_steps(max_grad_norm=...)` clips before each optimizer step, and records each step's norm before it."""
+    """`train_steps(max_grad_norm=...)` clips before each optimizer step, and records each step's norm before it;
+    `on_step` runs after each optimizer step."""
     rows = [{"prompt": "define cat:", "completion": " a small animal."}] * 8
     batches = eval_batches(char_tokenizer(), rows, batch_size=8)
     seen = []
@@ -94,10 +96,14 @@ def test_train_steps_clips_the_gradient_the_optimizer_sees():
         model = get_peft_model(tiny_llama(), ElasticLoraConfig(r=4))
         norms = []
         handle = register_optimizer_step_pre_hook(record)
+        steps_seen = []
         try:
-            train_steps(model, batches, steps=3, lr=1e-2, progress=False, max_grad_norm=max_norm, grad_norms=norms)
+            train_steps(model, batches, steps=3, lr=1e-2, progress=False, max_grad_norm=max_norm, grad_norms=norms,
+                        on_step=lambda step, out=steps_seen: out.append((step, len(seen))))  # fmt: skip
         finally:
             handle.remove()
+        assert [step for step, _ in steps_seen] == [1, 2, 3]
+        assert [optimizer_steps for _, optimizer_steps in steps_seen] == [len(seen) - 2, len(seen) - 1, len(seen)]
         if max_norm is None:
             assert norms == [] and min(seen) > 1e-3  # unclipped: the optimizer sees the raw gradient
         else:
