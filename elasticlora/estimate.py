@@ -91,7 +91,7 @@ def estimate_shrink(
     """
     check_tolerance(tolerance, mode)
     start = time.perf_counter()
-    adapter = active_adapter_name(model, adapter_name) if adapter_name is None else adapter_name
+    adapter = active_adapter_name(model, adapter_name)
     layers = lora_layers(model, adapter)
     full = {name: layer.r[adapter] for name, layer in layers.items()}
     widths = {name: layer.in_features + layer.out_features for name, layer in layers.items()}

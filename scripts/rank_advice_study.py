@@ -84,6 +84,7 @@ class Study:
         start = time.time()
         result = shrink(model, self.dev, tolerance=self.args.tolerance, progress=False)
         shrink_seconds = time.time() - start
+        ranks = list(result.ranks.values())
         with at_ranks(model, result.ranks):
             test = eval_loss(model, self.test)
         return {
@@ -96,6 +97,7 @@ class Study:
                 "params": result.params, "max_rank": max(result.ranks.values()),
                 "vllm_max_lora_rank": _bucket(max(result.ranks.values())), "dev": result.quality, "test": test,
                 "passes": result.passes_run, "seconds": shrink_seconds, "advice": result.advice,
+                "rank_histogram": {str(k): ranks.count(k) for k in sorted(set(ranks))},
             },
             "commit": commit(),
         }  # fmt: skip
