@@ -1,21 +1,23 @@
 """Advice on the rank to train at (r_max), read off a shrink: was the run short of rank, or would a smaller r do?
 
-- **Capacity-limited**: some modules kept their full trained rank, and cutting just those to half their rank (one
-  measured pass, the rest at their chosen ranks) costs more than `CAPACITY_LIMIT` tolerances: quality was still
-  rising at r_max there, so train at r = 2 r_max.
-- **Oversized**: the largest chosen rank, times `ROOM`, fits in a power of two below r_max: that r would have held
-  the chosen ranks with room to spare, for the adapter weights, gradients and AdamW state it saves.
-- Otherwise r_max fits.
+The rank the task needs is the largest rank shrink chose, except that a module kept at its full rank counts at half
+that rank when halving it costs at most `CAPACITY_LIMIT` tolerances (measured: one pass, the other modules at their
+chosen ranks). The advised r is the smallest power of two holding `ROOM` times the needed rank:
 
-The two thresholds are set from retraining runs (`scripts/rank_advice_study.py`, docs/results.md): a run at half
-the advised r_max and one at twice it, on two tasks.
+- above r_max: **capacity-limited**, train at the advised r (some modules used all the rank they had);
+- below r_max: **oversized**, the advised r would have held the chosen ranks with room to spare, for the adapter
+  weights, gradients and AdamW state it saves;
+- r_max itself: **fits**.
+
+`ROOM` is set by retraining at every r of a grid, on two tasks and three seeds (`scripts/rank_advice_study.py`,
+docs/results.md): the smallest room whose advised r shrinks to within the tolerance of the best r's export.
 """
 
 from __future__ import annotations
 
-# capacity-limited when halving the modules kept at full rank costs more than this many tolerances
+# a module kept at full rank needs it when halving it costs more than this many tolerances
 CAPACITY_LIMIT = 1.0
-# an advised r holds the largest chosen rank this many times over
+# an advised r holds the needed rank this many times over
 ROOM = 2
 # bytes each adapter parameter takes in training: the fp32 weight, its gradient and AdamW's two moments
 TRAINING_BYTES_PER_PARAM = 16
@@ -31,44 +33,42 @@ def rank_advice(
     widths: dict[str, int],
     cut_cost: float | None = None,
     metric: str = "eval_loss",
+    room: int = ROOM,
 ) -> dict:
     """The r_max advice for chosen `ranks` of modules trained at `full` ranks (`widths[m]`: in + out features).
 
-    `cut_cost`: what halving the modules kept at full rank costs, in tolerances (None: not measured, so never
-    capacity-limited). Returns the verdict ("capacity-limited", "oversized" or "fits"), the rank `advised_r`, the
-    modules kept at full rank, the training memory the advised r saves (negative: costs) and a one-line message.
+    `cut_cost`: what halving the modules kept at full rank costs, in tolerances (None: not measured, so they count
+    at full rank). Returns the verdict ("capacity-limited", "oversized" or "fits"), the rank `advised_r`, the
+    needed rank, the modules kept at full rank, the training memory the advised r saves (negative: costs) and a
+    one-line message.
     """
     r_max = max(full.values())
     at_full = sorted(name for name, k in ranks.items() if 0 < k == full[name])
-    largest = max(ranks.values(), default=0)
-    if at_full and cut_cost is not None and cut_cost > CAPACITY_LIMIT:
-        verdict, advised = "capacity-limited", 2 * r_max
-    else:
-        advised = min(r_max, _power_of_two_at_least(ROOM * max(1, largest)))
-        verdict = "oversized" if advised < r_max else "fits"
+    cheap = cut_cost is not None and cut_cost <= CAPACITY_LIMIT
+    need = max((k // 2 if cheap and name in at_full else k for name, k in ranks.items()), default=0)
+    advised = _power_of_two_at_least(room * max(1, need))
+    verdict = "capacity-limited" if advised > r_max else "oversized" if advised < r_max else "fits"
+    # every module's rank scaled by advised / r_max (a rank_pattern keeps its proportions)
     params_now = sum(full[name] * widths[name] for name in full)
-    params_advised = sum(min(advised, full[name] * 2) * widths[name] for name in full)
-    saved = (params_now - params_advised) * TRAINING_BYTES_PER_PARAM
-    share = (params_now - params_advised) / max(1, params_now)
+    saved = round(params_now * (1 - advised / r_max)) * TRAINING_BYTES_PER_PARAM
+    cut = ""
+    if cut_cost is not None:
+        cut = f"; halving the {len(at_full)} modules kept at full rank costs {cut_cost:.2f} tolerances"
     if verdict == "capacity-limited":
-        message = (
-            f"capacity-limited: {len(at_full)} of {len(ranks)} modules kept their full rank, and cutting them to half "
-            f"costs {cut_cost:.1f} tolerances of {metric}: train at r = {advised} (r_max was {r_max})"
-        )
+        message = f"capacity-limited: the chosen ranks need {need} of r_max {r_max}{cut}: train at r = {advised}"
     elif verdict == "oversized":
         message = (
-            f"oversized: the largest chosen rank is {largest} of r_max {r_max}; r = {advised} would have sufficed "
-            f"here, with {saved / 2**20:,.1f} MiB ({100 * share:.0f}%) less adapter training state"
+            f"oversized: the chosen ranks need {need} of r_max {r_max}; r = {advised} would have sufficed here, "
+            f"with {saved / 2**20:,.1f} MiB ({100 * (1 - advised / r_max):.0f}%) less adapter training state"
         )
     else:
-        message = f"r_max {r_max} fits: the largest chosen rank is {largest}"
-        if cut_cost is not None:
-            message += f"; halving the {len(at_full)} modules at full rank costs {cut_cost:.2f} tolerances"
+        message = f"r_max {r_max} fits: the chosen ranks need {need}{cut}"
     return {
         "verdict": verdict,
         "r_max": r_max,
         "advised_r": advised,
-        "largest_rank": largest,
+        "needed_rank": need,
+        "largest_rank": max(ranks.values(), default=0),
         "full_rank_modules": at_full,
         "cut_cost_tolerances": cut_cost,
         "training_memory_saved_bytes": saved,

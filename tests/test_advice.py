@@ -54,16 +54,18 @@ def test_rank_advice_rule():
     full = {"a": 16, "b": 16, "c": 8}
     widths = {"a": 100, "b": 50, "c": 30}
     over = rank_advice({"a": 3, "b": 0, "c": 1}, full, widths)
-    assert over["verdict"] == "oversized" and over["advised_r"] == 8  # 2 * 3 = 6 -> 8
-    # memory: every module trained at min(its rank, 8) instead of its rank, 16 bytes per parameter
-    assert over["training_memory_saved_bytes"] == ((16 - 8) * 100 + (16 - 8) * 50) * TRAINING_BYTES_PER_PARAM
+    assert over["verdict"] == "oversized" and over["needed_rank"] == 3 and over["advised_r"] == 8  # 2 * 3 -> 8
+    # memory: every module trained at half its rank, 16 bytes per parameter
+    assert over["training_memory_saved_bytes"] == (16 * 100 + 16 * 50 + 8 * 30) // 2 * TRAINING_BYTES_PER_PARAM
+    assert rank_advice({"a": 3, "b": 0, "c": 1}, full, widths, room=4)["verdict"] == "fits"  # 4 * 3 -> 16
+    # a and c kept their full rank; halving them is cheap, so they count at half: a needs 8, and 2 * 8 = r_max
     fits = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT / 2)
-    assert fits["verdict"] == "fits" and fits["advised_r"] == 16 and fits["full_rank_modules"] == ["a", "c"]
+    assert fits["verdict"] == "fits" and fits["needed_rank"] == 8 and fits["full_rank_modules"] == ["a", "c"]
     limited = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT * 3)
     assert limited["verdict"] == "capacity-limited" and limited["advised_r"] == 32
-    assert limited["training_memory_saved_bytes"] < 0
-    assert "a" in limited["full_rank_modules"] and "3.0 tolerances" in limited["message"]
-    assert rank_advice({"a": 16, "b": 5, "c": 8}, full, widths)["verdict"] == "fits", "unmeasured: no verdict on it"
+    assert limited["training_memory_saved_bytes"] < 0 and "3.00 tolerances" in limited["message"]
+    unmeasured = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths)
+    assert unmeasured["verdict"] == "capacity-limited", "unmeasured, the full-rank modules count at full rank"
 
 
 def test_an_oversized_run_gets_a_smaller_r():
