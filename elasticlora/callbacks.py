@@ -4,7 +4,7 @@
     trainer = Trainer(model=elastic_model, args=..., eval_dataset=...)      # or trl.SFTTrainer
     trainer.add_callback(ElasticLoraCallback())   # resume_from_checkpoint continues the draw sequence
     add_rank_curve(trainer, ranks=(1, 4, 16, None))                         # logs eval_loss@r1, ... eval_loss@full
-    add_shrink_estimate(trainer, tolerance=0.01)  # logs eval_shrink_params, eval_shrink_max_rank, ... every 200 steps
+    add_shrink_estimate(trainer, tolerance=0.01)  # logs eval_shrink_params, eval_shrink_max_rank, ... every 500 steps
 
 For a custom loop, `rank_curve(model, batches)` and `estimate_shrink(model, batches)` return the same numbers, and
 `elastic_runtimes(model)[adapter]`'s `state_dict()` / `load_state_dict()` carry the draw position through your own
@@ -92,7 +92,7 @@ class ShrinkEstimateCallback(TrainerCallback):
         self,
         batches,
         tolerance: float = 0.01,
-        every: float = 200,
+        every: float = 500,
         trainer=None,
         mode: str = "relative",
         autocast_dtype: torch.dtype | None = None,
@@ -136,7 +136,7 @@ class ShrinkEstimateCallback(TrainerCallback):
 
 
 def add_shrink_estimate(
-    trainer, tolerance: float = 0.01, every: float = 200, max_rows: int = 64, mode: str = "relative"
+    trainer, tolerance: float = 0.01, every: float = 500, max_rows: int = 64, mode: str = "relative"
 ) -> ShrinkEstimateCallback:
     """Attach a `ShrinkEstimateCallback` to a transformers `Trainer` or TRL `SFTTrainer`, on the first `max_rows`
     rows of its eval dataset (batched as its evaluation batches them); returns the callback."""
