@@ -102,7 +102,8 @@ def test_cli_shrink_and_inspect(setup, capsys):
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     serve = f"vllm serve {base} --enable-lora --lora-modules out={out} --max-lora-rank {report['vllm_max_lora_rank']}"
-    assert f"serve: {serve}\n" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"serve: {serve}\n" in printed and f"r_max advice: {report['advice']['message']}\n" in printed
     assert main(args) == 2, "an existing --out is refused"
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--avg-rank", "2"]) == 0
