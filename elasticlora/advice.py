@@ -2,22 +2,25 @@
 
 The rank the task needs is the largest rank shrink chose, except that a module kept at its full rank counts at half
 that rank when halving it costs at most `CAPACITY_LIMIT` tolerances (measured: one pass, the other modules at their
-chosen ranks). The advised r is the smallest power of two holding `ROOM` times the needed rank:
+chosen ranks). Then:
 
-- above r_max: **capacity-limited**, train at the advised r (some modules used all the rank they had);
-- below r_max: **oversized**, the advised r would have held the chosen ranks with room to spare, for the adapter
-  weights, gradients and AdamW state it saves;
-- r_max itself: **fits**.
+- **capacity-limited** when the needed rank reaches r_max / `CAPACITY_SHARE`: train at 2 r_max;
+- **oversized** when the smallest power of two holding `ROOM` times the needed rank is below r_max: that r would have
+  held the chosen ranks with room to spare, for the adapter weights, gradients and AdamW state it saves;
+- otherwise r_max **fits**.
 
-`ROOM` is set by retraining at every r of a grid, on two tasks and three seeds (`scripts/rank_advice_study.py`,
-docs/results.md): the smallest room whose advised r shrinks to within the tolerance of the best r's export.
+`CAPACITY_SHARE` and `ROOM` are set by retraining at every r of a grid, on two tasks and three seeds
+(`scripts/rank_advice_study.py`, docs/results.md): a capacity-limited run's rerun at 2 r_max must shrink to a better
+adapter by more than the tolerance, an oversized run's rerun at the advised r to within the tolerance of it.
 """
 
 from __future__ import annotations
 
 # a module kept at full rank needs it when halving it costs more than this many tolerances
 CAPACITY_LIMIT = 1.0
-# an advised r holds the needed rank this many times over
+# capacity-limited when the needed rank reaches r_max / CAPACITY_SHARE
+CAPACITY_SHARE = 2
+# an oversized run's advised r holds the needed rank this many times over
 ROOM = 2
 # bytes each adapter parameter takes in training: the fp32 weight, its gradient and AdamW's two moments
 TRAINING_BYTES_PER_PARAM = 16
@@ -34,6 +37,7 @@ def rank_advice(
     cut_cost: float | None = None,
     metric: str = "eval_loss",
     room: int = ROOM,
+    capacity_share: int = CAPACITY_SHARE,
 ) -> dict:
     """The r_max advice for chosen `ranks` of modules trained at `full` ranks (`widths[m]`: in + out features).
 
@@ -46,8 +50,13 @@ def rank_advice(
     at_full = sorted(name for name, k in ranks.items() if 0 < k == full[name])
     cheap = cut_cost is not None and cut_cost <= CAPACITY_LIMIT
     need = max((k // 2 if cheap and name in at_full else k for name, k in ranks.items()), default=0)
-    advised = _power_of_two_at_least(room * max(1, need))
-    verdict = "capacity-limited" if advised > r_max else "oversized" if advised < r_max else "fits"
+    smaller = _power_of_two_at_least(room * max(1, need))
+    if need * capacity_share >= r_max:
+        verdict, advised = "capacity-limited", 2 * r_max
+    elif smaller < r_max:
+        verdict, advised = "oversized", smaller
+    else:
+        verdict, advised = "fits", r_max
     # every module's rank scaled by advised / r_max (a rank_pattern keeps its proportions)
     params_now = sum(full[name] * widths[name] for name in full)
     saved = round(params_now * (1 - advised / r_max)) * TRAINING_BYTES_PER_PARAM

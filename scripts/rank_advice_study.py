@@ -34,7 +34,7 @@ import torch
 from peft import get_peft_model
 
 from elasticlora import ElasticLoraConfig, at_ranks, estimate_shrink, eval_batches, eval_loss
-from elasticlora.advice import ROOM, TRAINING_BYTES_PER_PARAM, rank_advice
+from elasticlora.advice import CAPACITY_SHARE, ROOM, TRAINING_BYTES_PER_PARAM, rank_advice
 from elasticlora.data import load_rows
 from elasticlora.shrink import shrink
 
@@ -118,18 +118,21 @@ def _estimate_entry(estimate) -> dict:
     }  # fmt: skip
 
 
-def advice_of(run: dict, room: int) -> dict:
-    """`rank_advice` on a run's shrunk ranks (from their histogram) with `room`; the verdict needs no module names."""
+def advice_of(run: dict, room: int, share: int) -> dict:
+    """`rank_advice` on a run's shrunk ranks (from their histogram) with `room` and `capacity_share`; the verdict needs
+    no module names."""
     histogram = run["shrink"].get("rank_histogram") or {str(run["shrink"]["advice"]["largest_rank"]): 1}
     ranks = {f"{k}:{i}": int(k) for k, count in histogram.items() for i in range(count)}
     full = dict.fromkeys(ranks, run["r"])
-    return rank_advice(ranks, full, dict.fromkeys(ranks, 1), run["shrink"]["advice"]["cut_cost_tolerances"], room=room)
+    cut_cost = run["shrink"]["advice"]["cut_cost_tolerances"]
+    return rank_advice(ranks, full, dict.fromkeys(ranks, 1), cut_cost, room=room, capacity_share=share)
 
 
-def check_advice(runs: dict, room: int, tolerance: float) -> list[dict]:
-    """Each run's advice at `room` against the run of the same task, length and seed at the advised r: a
-    capacity-limited run's rerun must shrink to a test loss better by more than the tolerance; an oversized run's
-    to within the tolerance; a run that fits must be within the tolerance of the best r of its grid."""
+def check_advice(runs: dict, room: int, share: int, tolerance: float) -> list[dict]:
+    """Each run's advice at `room` and `capacity_share` against the run of the same task, length and seed at the
+    advised r: a capacity-limited run's rerun must shrink to a test loss better by more than the tolerance; an
+    oversized run's to within the tolerance; a run that fits must be within the tolerance of the best r of its
+    grid."""
     grids: dict[tuple, dict[int, dict]] = {}
     for key, run in runs.items():
         grids.setdefault((key.split("|")[0], run["steps"], run["seed"]), {})[run["r"]] = run
@@ -137,7 +140,7 @@ def check_advice(runs: dict, room: int, tolerance: float) -> list[dict]:
     for (task, steps, seed), grid in sorted(grids.items()):
         best = min(run["shrink"]["test"] for run in grid.values())
         for r, run in sorted(grid.items()):
-            advice = advice_of(run, room)
+            advice = advice_of(run, room, share)
             rerun = grid.get(advice["advised_r"])
             row = {"task": task, "steps": steps, "seed": seed, "r": r, "advice": advice, "run": run, "rerun": rerun}
             if advice["verdict"] == "fits":
@@ -157,22 +160,24 @@ def report(results: dict, tolerance: float) -> str:
     against the final shrink."""
     runs = results["runs"]
     lines = ["## r_max advice against the rerun at the advised r", ""]
-    lines += ["| room | met | missed | advised r not run |", "|---|---|---|---|"]
-    for room in (1, 2, 4, 8):
-        rows = check_advice(runs, room, tolerance)
-        met = sum(row.get("met") is True for row in rows)
-        missed = sum(row.get("met") is False for row in rows)
-        lines.append(f"| {room}{' (ROOM)' if room == ROOM else ''} | {met} | {missed} | {len(rows) - met - missed} |")
+    lines += ["| CAPACITY_SHARE, ROOM | met | missed | advised r not run |", "|---|---|---|---|"]
+    for share in (1, 2):
+        for room in (1, 2, 4):
+            rows = check_advice(runs, room, share, tolerance)
+            met = sum(row.get("met") is True for row in rows)
+            missed = sum(row.get("met") is False for row in rows)
+            chosen = " (the library's)" if (share, room) == (CAPACITY_SHARE, ROOM) else ""
+            lines.append(f"| {share}, {room}{chosen} | {met} | {missed} | {len(rows) - met - missed} |")
     lines += [
         "",
-        f"At ROOM = {ROOM}; test change: the rerun's shrunk test loss against this run's (fits: this run's against "
-        "the best of its grid).",
+        f"At CAPACITY_SHARE = {CAPACITY_SHARE}, ROOM = {ROOM}; test change: the rerun's shrunk test loss against "
+        "this run's (fits: this run's against the best of its grid).",
         "",
         "| task, steps, seed | r_max | shrunk: params, test | needs | verdict (advised r) | test change | goal | "
         "rerun step time | rerun adapter training state |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in check_advice(runs, ROOM, tolerance):
+    for row in check_advice(runs, ROOM, CAPACITY_SHARE, tolerance):
         run, rerun, advice = row["run"], row["rerun"], row["advice"]
         met = {True: "met", False: "missed", None: "not run"}[row.get("met")]
         change = f"{100 * row['change']:+.2f}%" if "change" in row else ""

@@ -53,19 +53,24 @@ def widths_of(model):
 def test_rank_advice_rule():
     full = {"a": 16, "b": 16, "c": 8}
     widths = {"a": 100, "b": 50, "c": 30}
-    over = rank_advice({"a": 3, "b": 0, "c": 1}, full, widths)
+    over = rank_advice({"a": 3, "b": 0, "c": 1}, full, widths, room=2, capacity_share=2)
     assert over["verdict"] == "oversized" and over["needed_rank"] == 3 and over["advised_r"] == 8  # 2 * 3 -> 8
     # memory: every module trained at half its rank, 16 bytes per parameter
     assert over["training_memory_saved_bytes"] == (16 * 100 + 16 * 50 + 8 * 30) // 2 * TRAINING_BYTES_PER_PARAM
     assert rank_advice({"a": 3, "b": 0, "c": 1}, full, widths, room=4)["verdict"] == "fits"  # 4 * 3 -> 16
-    # a and c kept their full rank; halving them is cheap, so they count at half: a needs 8, and 2 * 8 = r_max
-    fits = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT / 2)
+    # a and c kept their full rank; halving them is cheap, so they count at half: a needs 8
+    fits = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT / 2, capacity_share=1)
     assert fits["verdict"] == "fits" and fits["needed_rank"] == 8 and fits["full_rank_modules"] == ["a", "c"]
-    limited = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT * 3)
-    assert limited["verdict"] == "capacity-limited" and limited["advised_r"] == 32
-    assert limited["training_memory_saved_bytes"] < 0 and "3.00 tolerances" in limited["message"]
-    unmeasured = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths)
-    assert unmeasured["verdict"] == "capacity-limited", "unmeasured, the full-rank modules count at full rank"
+    half = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT / 2, capacity_share=2)
+    assert half["verdict"] == "capacity-limited" and half["advised_r"] == 32  # 8 reaches r_max / 2
+    for share in (1, 2):
+        limited = rank_advice(
+            {"a": 16, "b": 5, "c": 8}, full, widths, cut_cost=CAPACITY_LIMIT * 3, capacity_share=share
+        )
+        assert limited["verdict"] == "capacity-limited" and limited["advised_r"] == 32
+        assert limited["training_memory_saved_bytes"] < 0 and "3.00 tolerances" in limited["message"]
+        unmeasured = rank_advice({"a": 16, "b": 5, "c": 8}, full, widths, capacity_share=share)
+        assert unmeasured["verdict"] == "capacity-limited", "unmeasured, the full-rank modules count at full rank"
 
 
 def test_an_oversized_run_gets_a_smaller_r():
