@@ -11,8 +11,9 @@ From `shrink`'s cheap parts and one measured pass, on elastic and plain PEFT LoR
 3. the loss increase of a configuration is predicted as `s * sum_m c_m(k_m) / (2 N)` over N scored tokens (the
    second-order term of a Fisher approximation, the first-order one vanishing at a trained optimum); with `s = 1`
    the last configuration predicted within tolerance is measured (the one pass), which sets `s`;
-4. the estimate is the last configuration on the path predicted within tolerance at that `s`, and the r_max
-   advice (`advice.py`) uses the predicted cost of halving its modules kept at full rank.
+4. at that `s`, as `shrink` searches: the smallest uniform rank (r/2, r/4, ..., 1) predicted within tolerance,
+   then the last configuration predicted within tolerance on the allocation path below it, is the estimate; the
+   r_max advice (`advice.py`) uses the predicted cost of halving its modules kept at full rank.
 
 `shrink` itself measures its way along the path instead (about 12 passes over the whole eval set), so the estimate
 can be off; docs/results.md measures how far, and how early in training it settles.
@@ -32,6 +33,7 @@ from .evaluate import eval_loss
 from .options import check_tolerance
 from .ranks import active_adapter_name, lora_layers, truncated
 from .sensitivity import allocation_path, sensitivity
+from .shrink import halvings
 from .vllm import vllm_max_lora_rank
 
 
@@ -113,16 +115,23 @@ def estimate_shrink(
     with truncated(model, path[probe], adapter):
         probe_loss = eval_loss(model, batches, autocast_dtype=autocast_dtype)
     if probe_loss <= measured.loss or increases[probe] <= 0:
-        chosen, scale = probe, 0.0  # no measured cost to scale by: keep what was measured within tolerance
-    else:  # the increases grow along the path, so the probe is kept exactly when it was measured within tolerance
+        ranks, scale = path[probe], 0.0  # no measured cost to scale by: keep what was measured within tolerance
+    else:
         scale = (probe_loss - measured.loss) / increases[probe]
-        chosen = last_within(scale)
-    ranks = path[chosen]
+        # as shrink does: the smallest uniform rank predicted within tolerance, then the path below it
+        anchor = dict(full)
+        for k in halvings(max(full.values())):
+            uniform = {name: min(k, r) for name, r in full.items()}
+            if scale * predicted_increase(uniform) > slack:
+                break
+            anchor = uniform
+        below = allocation_path({name: c[: anchor[name] + 1] for name, c in costs.items()}, widths)
+        ranks = next(config for config in reversed(below) if scale * predicted_increase(config) <= slack)
     at_full = [name for name, k in ranks.items() if 0 < k == full[name]]
     cut_cost = None
     if at_full and scale > 0:
         cut = {name: k // 2 if name in at_full else k for name, k in ranks.items()}
-        cut_cost = scale * (predicted_increase(cut) - increases[chosen]) / slack
+        cut_cost = scale * (predicted_increase(cut) - predicted_increase(ranks)) / slack
     max_rank = max(ranks.values())
     return ShrinkEstimate(
         ranks=dict(ranks),
@@ -134,7 +143,7 @@ def estimate_shrink(
         full_loss=measured.loss,
         probe_loss=probe_loss,
         probe_params=sum(k * widths[name] for name, k in path[probe].items()),
-        predicted_loss=measured.loss + scale * increases[chosen],
+        predicted_loss=measured.loss + scale * predicted_increase(ranks),
         scale=scale,
         advice=rank_advice(ranks, full, widths, cut_cost),
         rows=sum(len(batch["input_ids"]) for batch in batches),

@@ -81,7 +81,7 @@ def within_tolerance(
     return quality >= best - slack if higher_is_better else quality <= best + slack
 
 
-def _halvings(r: int) -> list[int]:
+def halvings(r: int) -> list[int]:
     """r // 2, r // 4, ..., 1: the uniform ranks the search tries before per-module ranks."""
     ks = []
     while r > 1:
@@ -264,13 +264,13 @@ class _Search:
         else:
             # 1. one rank for every module, halving from the top (the prefixes elastic training optimises directly);
             # with max_rank="auto", the vLLM buckets below full rank instead: the smallest one within tolerance
-            ks = buckets_below(r) if self.max_rank == "auto" else _halvings(cap or r)
+            ks = buckets_below(r) if self.max_rank == "auto" else halvings(cap or r)
             anchor = self.bisect([top, *(self.capped(k) for k in ks), zero])
             if self.max_rank == "auto" and anchor not in (top, zero):
                 cap = max(anchor.values())
                 cap_quality = self.measure(anchor)
                 # below the bucket, halve on as the free search does (ranks measured already cost no pass)
-                anchor = self.bisect([anchor, *(self.capped(k) for k in _halvings(cap)), zero])
+                anchor = self.bisect([anchor, *(self.capped(k) for k in halvings(cap)), zero])
             # 2. per-module ranks below that anchor, along the allocation path of the cost curves cut at the anchor
             if anchor != zero:
                 self.bisect(self.path_below(anchor))
