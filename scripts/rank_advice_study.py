@@ -160,7 +160,24 @@ def report(results: dict, tolerance: float) -> str:
     """The goal tables: the advice against the rerun at the advised r (for each candidate room), and the estimate
     against the final shrink."""
     runs = results["runs"]
-    lines = ["## r_max advice against the rerun at the advised r", ""]
+    lines = [
+        "## Shrunk test loss by r_max",
+        "",
+        "| task, steps | r_max | seeds | shrunk test | exported | needed rank |",
+    ]
+    lines.append("|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
+    for key, run in runs.items():
+        groups.setdefault((key.split("|")[0], run["steps"], run["r"]), []).append(run)
+    for (task, steps, r), group in sorted(groups.items()):
+        tests = [run["shrink"]["test"] for run in group]
+        spread = (max(tests) - min(tests)) / 2
+        lines.append(
+            f"| {task}, {steps} | {r} | {len(group)} | {statistics.mean(tests):.4f} ±{spread:.4f} "
+            f"| {statistics.mean(run['shrink']['params'] for run in group) / 1e6:.2f} M | "
+            f"{', '.join(str(advice_of(run, ROOM, CAPACITY_SHARE)['needed_rank']) for run in group)} |"
+        )
+    lines += ["", "## r_max advice against the rerun at the advised r", ""]
     lines += ["| CAPACITY_SHARE, ROOM | met | missed | advised r not run |", "|---|---|---|---|"]
     for share in (1, 2):
         for room in (1, 2, 4):
@@ -199,9 +216,6 @@ def report(results: dict, tolerance: float) -> str:
         "estimate cost per call |",
         "|---|---|---|---|---|",
     ]
-    groups: dict[tuple, list[dict]] = {}
-    for key, run in runs.items():
-        groups.setdefault((key.split("|")[0], run["steps"], run["r"]), []).append(run)
     for (task, steps, r), group in sorted(groups.items()):
         for fraction in FRACTIONS:
             ratios, same, cost = [], [], []
