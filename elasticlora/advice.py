@@ -30,6 +30,14 @@ def _power_of_two_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def halved_at_full_rank(ranks: dict[str, int], full: dict[str, int]) -> dict[str, int] | None:
+    """`ranks` with every module kept at its full rank halved (the configuration the advice prices); None when no
+    module is at full rank."""
+    if not any(0 < k == full[name] for name, k in ranks.items()):
+        return None
+    return {name: k // 2 if 0 < k == full[name] else k for name, k in ranks.items()}
+
+
 def rank_advice(
     ranks: dict[str, int],
     full: dict[str, int],

@@ -32,6 +32,11 @@ def _metric_name(rank: int | None, prefix: str = "eval_loss") -> str:
     return f"{prefix}@{'full' if rank is None else f'r{rank}'}"
 
 
+def _with_attention_mask(batches: Iterable[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The batches, each with an all-ones `attention_mask` where it has none."""
+    return [{"attention_mask": torch.ones_like(b["input_ids"]), **b} for b in batches]
+
+
 def rank_curve(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -42,7 +47,7 @@ def rank_curve(
 
     Batches need `input_ids` and `labels` (-100 = not scored); `attention_mask` is used when present.
     """
-    batches = [{"attention_mask": torch.ones_like(b["input_ids"]), **b} for b in batches]
+    batches = _with_attention_mask(batches)
     curve = {}
     for rank in ranks:
         with at_ranks(model, rank):
@@ -99,7 +104,7 @@ class ShrinkEstimateCallback(TrainerCallback):
     ):
         if not every > 0:
             raise ValueError(f"`every` must be > 0 (steps, or a fraction of the run below 1), got {every!r}")
-        self.batches = [{"attention_mask": torch.ones_like(b["input_ids"]), **b} for b in batches]
+        self.batches = _with_attention_mask(batches)
         if not self.batches:
             raise ValueError("the shrink estimate needs eval batches; got none")
         self.tolerance, self.every, self.trainer = tolerance, every, trainer

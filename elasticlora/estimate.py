@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from .advice import rank_advice
+from .advice import halved_at_full_rank, rank_advice
 from .evaluate import eval_loss
 from .options import check_tolerance
 from .ranks import active_adapter_name, lora_layers, truncated
 from .sensitivity import allocation_path, sensitivity
-from .shrink import halvings
+from .shrink import halvings, tolerance_slack
 from .vllm import vllm_max_lora_rank
 
 
@@ -100,12 +100,16 @@ def estimate_shrink(
     measured = sensitivity(model, batches, adapter, progress=False, autocast_dtype=autocast_dtype)
     costs = {name: c.clamp_min(0.0) for name, c in measured.costs.items()}  # c_m(r_m) = 0: nothing cut
     path = allocation_path(costs, widths)
+    cost_lists = {name: c.tolist() for name, c in costs.items()}  # read once per configuration on the path
 
     def predicted_increase(ranks: dict[str, int]) -> float:
-        return sum(float(costs[name][k]) for name, k in ranks.items()) / (2 * measured.tokens)
+        return sum(cost_lists[name][k] for name, k in ranks.items()) / (2 * measured.tokens)
+
+    def params_of(ranks: dict[str, int]) -> int:
+        return sum(k * widths[name] for name, k in ranks.items())
 
     increases = [predicted_increase(ranks) for ranks in path]
-    slack = tolerance * abs(measured.loss) if mode == "relative" else tolerance
+    slack = tolerance_slack(tolerance, measured.loss, mode)
 
     def last_within(scale: float) -> int:
         within = [i for i, increase in enumerate(increases) if scale * increase <= slack]
@@ -127,22 +131,21 @@ def estimate_shrink(
             anchor = uniform
         below = allocation_path({name: c[: anchor[name] + 1] for name, c in costs.items()}, widths)
         ranks = next(config for config in reversed(below) if scale * predicted_increase(config) <= slack)
-    at_full = [name for name, k in ranks.items() if 0 < k == full[name]]
+    cut = halved_at_full_rank(ranks, full)
     cut_cost = None
-    if at_full and scale > 0:
-        cut = {name: k // 2 if name in at_full else k for name, k in ranks.items()}
+    if cut is not None and scale > 0:
         cut_cost = scale * (predicted_increase(cut) - predicted_increase(ranks)) / slack
     max_rank = max(ranks.values())
     return ShrinkEstimate(
         ranks=dict(ranks),
-        params=sum(k * widths[name] for name, k in ranks.items()),
-        full_params=sum(k * widths[name] for name, k in full.items()),
+        params=params_of(ranks),
+        full_params=params_of(full),
         max_rank=max_rank,
         vllm_max_lora_rank=vllm_max_lora_rank(max(1, max_rank)),
         tolerance=tolerance,
         full_loss=measured.loss,
         probe_loss=probe_loss,
-        probe_params=sum(k * widths[name] for name, k in path[probe].items()),
+        probe_params=params_of(path[probe]),
         predicted_loss=measured.loss + scale * predicted_increase(ranks),
         scale=scale,
         advice=rank_advice(ranks, full, widths, cut_cost),

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .advice import rank_advice
+from .advice import halved_at_full_rank, rank_advice
 from .evaluate import eval_loss
 from .options import check_max_rank, check_tolerance
 from .ranks import active_adapter_name, at_ranks, max_ranks, module_shapes
@@ -73,11 +73,16 @@ class ShrinkResult:
         return asdict(self)
 
 
+def tolerance_slack(tolerance: float, best: float, mode: str = "relative") -> float:
+    """How far from `best` a quality within `tolerance` may be (relative: a fraction of |best|; absolute: in units)."""
+    return tolerance * abs(best) if mode == "relative" else tolerance
+
+
 def within_tolerance(
     quality: float, best: float, tolerance: float, mode: str = "relative", higher_is_better: bool = False
 ) -> bool:
-    """Whether `quality` is within `tolerance` of `best` (relative: a fraction of |best|; absolute: in units)."""
-    slack = tolerance * abs(best) if mode == "relative" else tolerance
+    """Whether `quality` is within `tolerance` of `best` (see `tolerance_slack`)."""
+    slack = tolerance_slack(tolerance, best, mode)
     return quality >= best - slack if higher_is_better else quality <= best + slack
 
 
@@ -187,13 +192,12 @@ def shrink_family(
 
 def _advice(result: ShrinkResult, full: dict[str, int], widths: dict[str, int], probe) -> dict:
     """`advice.rank_advice` for a result, measuring the cost of halving its modules kept at full rank (one pass)."""
-    at_full = {name for name, k in result.ranks.items() if 0 < k == full[name]}
+    cut = halved_at_full_rank(result.ranks, full)
     cut_cost = None
-    if at_full:
-        cut = {name: k // 2 if name in at_full else k for name, k in result.ranks.items()}
+    if cut is not None:
         result.cut_quality = probe(cut)
-        slack = result.tolerance * abs(result.best_quality) if result.mode == "relative" else result.tolerance
         sign = -1.0 if result.higher_is_better else 1.0
+        slack = tolerance_slack(result.tolerance, result.best_quality, result.mode)
         cut_cost = sign * (result.cut_quality - result.quality) / slack
     return rank_advice(result.ranks, full, widths, cut_cost, result.metric)
 

@@ -37,6 +37,7 @@ from elasticlora import ElasticLoraConfig, at_ranks, estimate_shrink, eval_batch
 from elasticlora.advice import CAPACITY_SHARE, ROOM, TRAINING_BYTES_PER_PARAM, rank_advice
 from elasticlora.data import load_rows
 from elasticlora.shrink import shrink
+from elasticlora.vllm import vllm_max_lora_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -95,18 +96,12 @@ class Study:
             "estimates": estimates,
             "shrink": {
                 "params": result.params, "max_rank": max(result.ranks.values()),
-                "vllm_max_lora_rank": _bucket(max(result.ranks.values())), "dev": result.quality, "test": test,
+                "vllm_max_lora_rank": vllm_max_lora_rank(max(1, *ranks)), "dev": result.quality, "test": test,
                 "passes": result.passes_run, "seconds": shrink_seconds, "advice": result.advice,
                 "rank_histogram": {str(k): ranks.count(k) for k in sorted(set(ranks))},
             },
             "commit": commit(),
         }  # fmt: skip
-
-
-def _bucket(rank: int) -> int:
-    from elasticlora.vllm import vllm_max_lora_rank
-
-    return vllm_max_lora_rank(max(1, rank))
 
 
 def _estimate_entry(estimate) -> dict:

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import get_peft_model
 
+from elasticlora import ElasticLoraConfig
+from elasticlora.data import make_batches
 from elasticlora.testing import VOCAB, char_tokenizer, tiny_gpt2, tiny_llama
 
-__all__ = ["VOCAB", "char_tokenizer", "fit", "randomize_lora", "tiny_gpt2", "tiny_llama"]
+__all__ = [
+    "VOCAB",
+    "char_tokenizer",
+    "fit",
+    "peaked_elastic_model",
+    "randomize_lora",
+    "sample_batches",
+    "tiny_gpt2",
+    "tiny_llama",
+]
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
@@ -24,6 +36,27 @@ def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def peaked_elastic_model(r: int) -> torch.nn.Module:
+    """An elastic adapter of rank `r` on a 2-layer tiny Llama whose head is scaled up: a peaked next-token
+    distribution, so what an adapter changes shows in the loss."""
+    base = tiny_llama(layers=2)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(100)
+    return get_peft_model(base, ElasticLoraConfig(r=r))
+
+
+@torch.no_grad()
+def sample_batches(model: torch.nn.Module, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """48 rows of 16 tokens sampled from `model` as it runs now (a teacher), as eval batches of 16."""
+    torch.manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (48, 1))
+    for _ in range(15):
+        logits = model(tokens).logits[:, -1]
+        tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1)], dim=1)
+    examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in tokens]
+    return make_batches(examples, batch_size=16, pad_token_id=0)
 
 
 def fit(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, lr: float = 1e-2) -> list[float]:

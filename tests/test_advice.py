@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from elasticlora import ElasticLoraConfig, at_ranks, elastic_layers, estimate_shrink, load_elastic, rank_advice
+from elasticlora import at_ranks, elastic_layers, estimate_shrink, load_elastic, rank_advice
 from elasticlora.advice import CAPACITY_LIMIT, TRAINING_BYTES_PER_PARAM
 from elasticlora.data import make_batches
 from elasticlora.evaluate import eval_loss
@@ -12,7 +12,7 @@ from elasticlora.ranks import truncated
 from elasticlora.sensitivity import allocation_path, sensitivity
 from elasticlora.shrink import shrink
 
-from conftest import VOCAB, randomize_lora, tiny_llama
+from conftest import peaked_elastic_model, randomize_lora, sample_batches, tiny_llama
 
 SIGNAL = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
 
@@ -21,10 +21,7 @@ def teacher_task(r: int, signal_rank: int, seed: int = 0, noise: float = 0.0):
     """An elastic adapter of rank `r` whose only non-zero modules carry a rank-`signal_rank` update (plus `noise` in
     every factor), and eval data sampled from base + that adapter: shrink should keep `signal_rank` components in
     those modules, and drop the rest when there is no noise."""
-    base = tiny_llama(layers=2)
-    with torch.no_grad():
-        base.lm_head.weight.mul_(100)  # a peaked next-token distribution, so the signal shows in the loss
-    model = get_peft_model(base, ElasticLoraConfig(r=r))
+    model = peaked_elastic_model(r)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, layer in elastic_layers(model).items():
@@ -36,14 +33,7 @@ def teacher_task(r: int, signal_rank: int, seed: int = 0, noise: float = 0.0):
                 b[:, :signal_rank] = torch.randn(b.shape[0], signal_rank, generator=gen) * 1.5
             a.add_(torch.randn(a.shape, generator=gen) * noise)
             b.add_(torch.randn(b.shape, generator=gen) * noise)
-        model.eval()
-        torch.manual_seed(seed + 1)
-        tokens = torch.randint(0, VOCAB, (48, 1))
-        for _ in range(15):  # sample from the teacher
-            logits = model(tokens).logits[:, -1]
-            tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1)], dim=1)
-    examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in tokens]
-    return model, make_batches(examples, batch_size=16, pad_token_id=0)
+    return model, sample_batches(model.eval(), seed=seed + 1)
 
 
 def widths_of(model):

@@ -8,7 +8,7 @@ from elasticlora.evaluate import eval_loss
 from elasticlora.sensitivity import allocation_path, sensitivity
 from elasticlora.shrink import shrink, shrink_family, within_tolerance
 
-from conftest import MODELS, VOCAB, char_tokenizer, randomize_lora, tiny_llama
+from conftest import MODELS, VOCAB, char_tokenizer, peaked_elastic_model, randomize_lora, sample_batches, tiny_llama
 
 SIGNAL = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
 
@@ -20,10 +20,7 @@ def toy_task():
     The signal modules carry a strong rank-2 update in their first two components; every other module carries only
     small noise, which the data does not reward. Shrink must keep the signal (rank >= 2) and drop most of the rest.
     """
-    base = tiny_llama(layers=2)
-    with torch.no_grad():
-        base.lm_head.weight.mul_(100)  # a peaked next-token distribution, so the signal shows in the loss
-    model = get_peft_model(base, ElasticLoraConfig(r=8))
+    model = peaked_elastic_model(r=8)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, layer in elastic_layers(model).items():
@@ -35,14 +32,9 @@ def toy_task():
                 b[:, :2] = torch.randn(b.shape[0], 2, generator=gen) * 1.5
                 a[2:] = 0
         teacher_ranks = {name: (8 if name in SIGNAL else 0) for name in elastic_layers(model)}
-        with at_ranks(model.eval(), teacher_ranks):
-            torch.manual_seed(1)
-            tokens = torch.randint(0, VOCAB, (48, 1))
-            for _ in range(15):  # sample from the teacher
-                logits = model(tokens).logits[:, -1]
-                tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1)], dim=1)
-    examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in tokens]
-    return model, make_batches(examples, batch_size=16, pad_token_id=0)
+    with at_ranks(model.eval(), teacher_ranks):
+        batches = sample_batches(model, seed=1)
+    return model, batches
 
 
 def test_shrink_keeps_the_modules_that_matter_and_drops_the_rest(toy_task):
