@@ -7,13 +7,19 @@ Trains SmolLM2-135M-Instruct with `ElasticLoraConfig(r=R)` (the default recipe o
 tolerance, and the export is scored on test (the next 150), with its r_max advice. `--follow-advice` repeats a run
 whose advice is not "fits" at the advised r (same task, length, learning rate and seed). Every run is kept in the JSON
 as soon as it ends and runs already there are skipped, so a cut-off study resumes where it stopped. `--report`
-prints the goal tables from the JSON.
+prints the goal tables from the JSON. `--checkpoints DIR` also saves the adapter wherever the estimate runs (under
+DIR/<run key>/<fraction>); `--re-estimate` then calls `estimate_shrink` again on every saved adapter of the runs in
+the JSON and replaces their estimates, so a change to the estimator is measured without retraining.
 
     python scripts/rank_advice_study.py --task cmudict --r 4 --steps 60 --lr 2e-3 --seeds 0 1 2 --follow-advice \\
         --out scripts/results/rank_advice.json
     python scripts/rank_advice_study.py --task wordnet --r 128 --steps 60 --lr 2e-3 --seeds 0 1 2 --follow-advice \\
         --out scripts/results/rank_advice.json
     python scripts/rank_advice_study.py --task cmudict --r 32 --steps 60 180 --lr 2e-3 --seeds 0 1 2 \\
+        --out scripts/results/rank_advice.json
+    python scripts/rank_advice_study.py --task wordnet --r 32 --steps 120 --lr 1e-3 --seeds 0 1 2 \\
+        --checkpoints /tmp/rank_advice --out scripts/results/rank_advice.json
+    python scripts/rank_advice_study.py --task wordnet --re-estimate --checkpoints /tmp/rank_advice \\
         --out scripts/results/rank_advice.json
     python scripts/rank_advice_study.py --report --out scripts/results/rank_advice.json
 """
@@ -33,7 +39,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from elasticlora import ElasticLoraConfig, at_ranks, estimate_shrink, eval_batches, eval_loss
+from elasticlora import ElasticLoraConfig, at_ranks, estimate_shrink, eval_batches, eval_loss, load_elastic
 from elasticlora.advice import CAPACITY_SHARE, ROOM, TRAINING_BYTES_PER_PARAM, rank_advice
 from elasticlora.data import load_rows
 from elasticlora.shrink import shrink
@@ -54,6 +60,10 @@ def run_key(task: str, steps: int, r: int, lr: float, seed: int) -> str:
     return f"{task}|{steps}|r{r}|{lr:g}|{seed}"
 
 
+def checkpoint_dir(root: Path, key: str, fraction: float) -> Path:
+    return root / key.replace("|", "_") / f"{fraction:g}"
+
+
 class Study:
     def __init__(self, args):
         self.args = args
@@ -65,7 +75,16 @@ class Study:
         self.test = eval_batches(tokenizer, rows[150:], 32)
         self.sample = eval_batches(tokenizer, rows[:SAMPLE_ROWS], 32)
 
+    def re_estimate(self, key: str, run: dict) -> None:
+        """Replace `run`'s estimates by `estimate_shrink` on the adapters saved at each of them."""
+        for entry in run["estimates"]:
+            path = checkpoint_dir(self.args.checkpoints, key, entry["fraction"])
+            model = load_elastic(copy.deepcopy(self.base), path)
+            entry.update(_estimate_entry(estimate_shrink(model, self.sample, run["tolerance"])))
+        run["estimate_commit"] = commit()
+
     def run(self, steps: int, r: int, lr: float, seed: int) -> dict:
+        key = run_key(self.args.task, steps, r, lr, seed)
         torch.manual_seed(seed)
         model = get_peft_model(copy.deepcopy(self.base), ElasticLoraConfig(r=r))
         at = {max(1, round(f * steps)): f for f in FRACTIONS}
@@ -75,6 +94,8 @@ class Study:
             if step in at:
                 estimate = estimate_shrink(model, self.sample, self.args.tolerance)
                 estimates.append({"step": step, "fraction": at[step], **_estimate_entry(estimate)})
+                if self.args.checkpoints is not None:
+                    model.save_pretrained(checkpoint_dir(self.args.checkpoints, key, at[step]))
 
         start = time.time()
         train_steps(
@@ -238,6 +259,10 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--follow-advice", action="store_true", help="rerun at the advised r unless it is r")
     parser.add_argument("--report", action="store_true", help="only print the tables from --out")
+    parser.add_argument("--checkpoints", type=Path, help="save the adapter at each estimate, under this folder")
+    parser.add_argument(
+        "--re-estimate", action="store_true", help="estimate again on the adapters saved under --checkpoints"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
@@ -250,15 +275,28 @@ def main() -> None:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
+    def save() -> None:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(args.out)
+
+    if args.re_estimate:
+        if args.checkpoints is None:
+            parser.error("--re-estimate needs --checkpoints, the folder the runs saved their adapters under")
+        for key, run in results["runs"].items():
+            if key.startswith(f"{args.task}|") and checkpoint_dir(args.checkpoints, key, 1.0).is_dir():
+                study.re_estimate(key, run)
+                save()
+                print(f"{key}: " + ", ".join(f"{e['params']:,}" for e in run["estimates"]), flush=True)
+        return
+
     def do(steps: int, r: int, seed: int) -> dict:
         key = run_key(args.task, steps, r, args.lr, seed)
         if key not in results["runs"]:
             entry = study.run(steps, r, args.lr, seed)
             entry.update(task=args.task, tolerance=args.tolerance, date=str(date.today()))
             results["runs"][key] = entry
-            tmp = args.out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=1))
-            tmp.replace(args.out)
+            save()
             shrunk, advice = entry["shrink"], entry["shrink"]["advice"]
             print(f"{key}: {shrunk['params']:,} params, test {shrunk['test']:.4f}; {advice['message']}", flush=True)
         return results["runs"][key]
