@@ -7,16 +7,17 @@ From `shrink`'s cheap parts and one measured pass, on elastic and plain PEFT LoR
 
 1. the sensitivity pass (one forward + backward, `sensitivity.py`) gives each module's cost curve `c_m(k)` and the
    full-rank loss;
-2. the allocation path of the curves orders the configurations from full rank down (`allocation_path`);
-3. the loss increase of a configuration is predicted as `s * sum_m c_m(k_m) / (2 N)` over N scored tokens (the
-   second-order term of a Fisher approximation, the first-order one vanishing at a trained optimum); with `s = 1`
-   the last configuration predicted within tolerance is measured (the one pass), which sets `s`;
-4. at that `s`, as `shrink` searches: the smallest uniform rank (r/2, r/4, ..., 1) predicted within tolerance,
-   then the last configuration predicted within tolerance on the allocation path below it, is the estimate; the
-   r_max advice (`advice.py`) uses the predicted cost of halving its modules kept at full rank.
+2. the loss increase of a configuration is predicted as `s * sum_m c_m(k_m) / (2 N)` over N scored tokens (the
+   second-order term of a Fisher approximation, the first-order one vanishing at a trained optimum);
+3. as `shrink` starts, with one rank for every module: the smallest of r/2, r/4, ..., 1 predicted within tolerance
+   at `s = 1` is measured (the one pass). Within tolerance, that uniform rank is the estimate (`shrink` keeps it or
+   cuts a little below it). Outside, the measurement sets `s`, and at that `s` the smallest uniform rank predicted
+   within tolerance, then the last configuration predicted within tolerance on the allocation path of the curves
+   below it (`allocation_path`), is the estimate;
+4. the r_max advice (`advice.py`) uses the predicted cost of halving the estimate's modules kept at full rank.
 
-`shrink` itself measures its way along the path instead (about 12 passes over the whole eval set), so the estimate
-can be off; docs/results.md measures how far, and how early in training it settles.
+`shrink` itself measures its way down (about 12 passes over the whole eval set), so the estimate can be off;
+docs/results.md measures how far, and how early in training it settles.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class ShrinkEstimate:
     vllm_max_lora_rank: int
     tolerance: float
     full_loss: float  # measured on the sample, at full rank (the sensitivity pass)
-    probe_loss: float  # measured at the configuration the uncalibrated prediction chose
+    probe_loss: float  # measured at the uniform rank the uncalibrated prediction chose
     probe_params: int
     predicted_loss: float  # predicted at `ranks`
     scale: float  # s: measured / predicted loss increase at the probe
@@ -99,8 +100,7 @@ def estimate_shrink(
     widths = {name: layer.in_features + layer.out_features for name, layer in layers.items()}
     measured = sensitivity(model, batches, adapter, progress=False, autocast_dtype=autocast_dtype)
     costs = {name: c.clamp_min(0.0) for name, c in measured.costs.items()}  # c_m(r_m) = 0: nothing cut
-    path = allocation_path(costs, widths)
-    cost_lists = {name: c.tolist() for name, c in costs.items()}  # read once per configuration on the path
+    cost_lists = {name: c.tolist() for name, c in costs.items()}  # read once per configuration searched
 
     def predicted_increase(ranks: dict[str, int]) -> float:
         return sum(cost_lists[name][k] for name, k in ranks.items()) / (2 * measured.tokens)
@@ -108,27 +108,31 @@ def estimate_shrink(
     def params_of(ranks: dict[str, int]) -> int:
         return sum(k * widths[name] for name, k in ranks.items())
 
-    increases = [predicted_increase(ranks) for ranks in path]
-    slack = tolerance_slack(tolerance, measured.loss, mode)
-
-    def last_within(scale: float) -> int:
-        within = [i for i, increase in enumerate(increases) if scale * increase <= slack]
-        return max(within, default=0)
-
-    probe = max(1, last_within(1.0))
-    with truncated(model, path[probe], adapter):
-        probe_loss = eval_loss(model, batches, autocast_dtype=autocast_dtype)
-    if probe_loss <= measured.loss or increases[probe] <= 0:
-        ranks, scale = path[probe], 0.0  # no measured cost to scale by: keep what was measured within tolerance
-    else:
-        scale = (probe_loss - measured.loss) / increases[probe]
-        # as shrink does: the smallest uniform rank predicted within tolerance, then the path below it
+    def uniform_anchor(scale: float) -> dict[str, int]:
+        """The smallest of r/2, r/4, ..., 1 for every module predicted within tolerance at `scale` (else full)."""
         anchor = dict(full)
         for k in halvings(max(full.values())):
             uniform = {name: min(k, r) for name, r in full.items()}
             if scale * predicted_increase(uniform) > slack:
                 break
             anchor = uniform
+        return anchor
+
+    slack = tolerance_slack(tolerance, measured.loss, mode)
+    probe = uniform_anchor(1.0)
+    if probe == full and max(full.values()) > 1:
+        probe = {name: min(max(full.values()) // 2, r) for name, r in full.items()}  # as shrink measures first
+    with truncated(model, probe, adapter):
+        probe_loss = eval_loss(model, batches, autocast_dtype=autocast_dtype)
+    increase = probe_loss - measured.loss
+    if increase <= slack:
+        ranks = probe  # measured within tolerance
+        scale = increase / predicted_increase(probe) if increase > 0 and predicted_increase(probe) > 0 else 0.0
+    elif predicted_increase(probe) <= 0:
+        ranks, scale = dict(full), 0.0  # a cost the curves do not see: nothing to scale, keep every rank
+    else:
+        scale = increase / predicted_increase(probe)
+        anchor = uniform_anchor(scale)
         below = allocation_path({name: c[: anchor[name] + 1] for name, c in costs.items()}, widths)
         ranks = next(config for config in reversed(below) if scale * predicted_increase(config) <= slack)
     cut = halved_at_full_rank(ranks, full)
@@ -145,7 +149,7 @@ def estimate_shrink(
         tolerance=tolerance,
         full_loss=measured.loss,
         probe_loss=probe_loss,
-        probe_params=params_of(path[probe]),
+        probe_params=params_of(probe),
         predicted_loss=measured.loss + scale * predicted_increase(ranks),
         scale=scale,
         advice=rank_advice(ranks, full, widths, cut_cost),

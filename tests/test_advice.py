@@ -126,33 +126,53 @@ def test_sensitivity_and_estimate_of_a_plain_lora_equal_the_elastic_loads(tmp_pa
     assert x.ranks == y.ranks and x.probe_loss == pytest.approx(y.probe_loss, rel=1e-6)
 
 
-def test_the_estimate_measures_its_probe_and_predicts_along_the_allocation_path():
-    model, batches = teacher_task(r=8, signal_rank=2, noise=0.1)  # every module matters a little: a path to trade
+def uniform(model, k):
+    return {name: min(k, layer.r["default"]) for name, layer in elastic_layers(model).items()}
+
+
+def test_the_estimate_keeps_a_uniform_rank_measured_within_tolerance():
+    model, batches = teacher_task(r=8, signal_rank=2)  # rank 2 carries everything: uniform 2 costs nothing
+    estimate = estimate_shrink(model, batches, tolerance=0.01)
+    assert estimate.ranks == uniform(model, 2) and estimate.max_rank == 2
+    with at_ranks(model, 2):
+        assert eval_loss(model, batches) == pytest.approx(estimate.probe_loss, rel=1e-6)
+    result = shrink(model, batches, tolerance=0.01, progress=False)
+    assert estimate.max_rank == max(result.ranks.values())  # shrink then drops the modules that carry nothing
+    assert estimate.advice["verdict"] == result.advice["verdict"] == "oversized"
+
+
+def test_the_estimate_scales_its_prediction_by_the_probe_and_follows_the_allocation_path():
+    model, batches = teacher_task(r=8, signal_rank=2, noise=0.1)  # every component matters a little: a path to trade
     estimate = estimate_shrink(model, batches, tolerance=0.01)
     measured = sensitivity(model, batches, progress=False)
     widths = widths_of(model)
-    path = allocation_path(measured.costs, widths)
-    probe = next(ranks for ranks in path if sum(k * widths[n] for n, k in ranks.items()) == estimate.probe_params)
+    assert estimate.full_loss == pytest.approx(eval_loss(model, batches), rel=1e-5)
+
+    # the documented prediction: full loss + scale * sum_m c_m(k_m) / (2 N)
+    def predicted(ranks, scale):
+        increase = sum(float(measured.costs[n][k].clamp_min(0)) for n, k in ranks.items()) / (2 * measured.tokens)
+        return estimate.full_loss + scale * increase
+
+    def within(ranks, scale):
+        return predicted(ranks, scale) <= estimate.full_loss * 1.01
+
+    def smallest_uniform_within(scale):  # halving from r/2 while the prediction stays within tolerance
+        return next((k for k in (8, 4, 2) if not within(uniform(model, k // 2), scale)), 1)
+
+    # the probe: the smallest uniform rank predicted within tolerance at scale 1 (r/2 when none is), measured
+    # outside tolerance here
+    probe = min(smallest_uniform_within(1.0), 4)
     with at_ranks(model, probe):
         assert eval_loss(model, batches) == pytest.approx(estimate.probe_loss, rel=1e-6)
-    assert estimate.full_loss == pytest.approx(eval_loss(model, batches), rel=1e-5)
-    assert estimate.scale > 0, "the probe measured a cost"
-
-    # the documented prediction: full loss + scale * sum_m c_m(k_m) / (2 N), the scale fitted at the probe
-    def predicted(ranks):
-        increase = sum(float(measured.costs[n][k].clamp_min(0)) for n, k in ranks.items()) / (2 * measured.tokens)
-        return estimate.full_loss + estimate.scale * increase
-
-    def within(ranks):
-        return predicted(ranks) <= estimate.full_loss * 1.01
-
-    assert predicted(probe) == pytest.approx(estimate.probe_loss, rel=1e-6)
-    assert predicted(estimate.ranks) == pytest.approx(estimate.predicted_loss, rel=1e-9)
-    # as shrink searches: the smallest uniform rank predicted within tolerance, then the path below it
-    anchor = next(k for k in (1, 2, 4) if within(dict.fromkeys(widths, k))) if within(dict.fromkeys(widths, 4)) else 8
+    assert estimate.probe_loss > estimate.full_loss * 1.01
+    assert predicted(uniform(model, probe), estimate.scale) == pytest.approx(estimate.probe_loss, rel=1e-6)
+    assert predicted(estimate.ranks, estimate.scale) == pytest.approx(estimate.predicted_loss, rel=1e-9)
+    # at that scale, as shrink searches: the smallest uniform rank predicted within tolerance, then the path below
+    anchor = smallest_uniform_within(estimate.scale)
     below = allocation_path({n: c[: anchor + 1] for n, c in measured.costs.items()}, widths)
     index = below.index(estimate.ranks)
-    assert within(below[index]) and (index + 1 == len(below) or not within(below[index + 1]))
+    assert within(below[index], estimate.scale)
+    assert index + 1 == len(below) or not within(below[index + 1], estimate.scale)
     assert all(estimate.ranks[name] >= 2 for name in SIGNAL)
     result = shrink(model, batches, tolerance=0.01, progress=False)
     assert 0.5 * result.params <= estimate.params <= 2 * result.params
