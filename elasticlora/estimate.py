@@ -51,7 +51,7 @@ class ShrinkEstimate:
     full_loss: float  # measured on the sample, at full rank (the sensitivity pass)
     probe_loss: float  # measured at the uniform rank the uncalibrated prediction chose
     probe_params: int
-    predicted_loss: float  # predicted at `ranks`
+    predicted_loss: float  # at `ranks`: predicted, or measured when they are the probe's
     scale: float  # s: measured / predicted loss increase at the probe
     advice: dict
     rows: int
@@ -126,15 +126,16 @@ def estimate_shrink(
         probe_loss = eval_loss(model, batches, autocast_dtype=autocast_dtype)
     increase = probe_loss - measured.loss
     if increase <= slack:
-        ranks = probe  # measured within tolerance
+        ranks, loss = probe, probe_loss  # measured within tolerance
         scale = increase / predicted_increase(probe) if increase > 0 and predicted_increase(probe) > 0 else 0.0
     elif predicted_increase(probe) <= 0:
-        ranks, scale = dict(full), 0.0  # a cost the curves do not see: nothing to scale, keep every rank
+        ranks, loss, scale = dict(full), measured.loss, 0.0  # a cost the curves do not see: keep every rank
     else:
         scale = increase / predicted_increase(probe)
         anchor = uniform_anchor(scale)
         below = allocation_path({name: c[: anchor[name] + 1] for name, c in costs.items()}, widths)
         ranks = next(config for config in reversed(below) if scale * predicted_increase(config) <= slack)
+        loss = measured.loss + scale * predicted_increase(ranks)
     cut = halved_at_full_rank(ranks, full)
     cut_cost = None
     if cut is not None and scale > 0:
@@ -150,7 +151,7 @@ def estimate_shrink(
         full_loss=measured.loss,
         probe_loss=probe_loss,
         probe_params=params_of(probe),
-        predicted_loss=measured.loss + scale * predicted_increase(ranks),
+        predicted_loss=loss,
         scale=scale,
         advice=rank_advice(ranks, full, widths, cut_cost),
         rows=sum(len(batch["input_ids"]) for batch in batches),

@@ -233,7 +233,8 @@ def report(results: dict, tolerance: float) -> str:
         "|---|---|---|---|---|",
     ]
     for (task, steps, r), group in sorted(groups.items()):
-        for fraction in FRACTIONS:
+        group = [run for run in group if "estimates" in run]  # runs of an estimator since replaced have none
+        for fraction in FRACTIONS if group else ():
             ratios, same, cost = [], [], []
             for run in group:
                 estimate = next(e for e in run["estimates"] if e["fraction"] == fraction)

@@ -136,6 +136,7 @@ def test_the_estimate_keeps_a_uniform_rank_measured_within_tolerance():
     assert estimate.ranks == uniform(model, 2) and estimate.max_rank == 2
     with at_ranks(model, 2):
         assert eval_loss(model, batches) == pytest.approx(estimate.probe_loss, rel=1e-6)
+    assert estimate.predicted_loss == estimate.probe_loss  # measured, not predicted
     result = shrink(model, batches, tolerance=0.01, progress=False)
     assert estimate.max_rank == max(result.ranks.values())  # shrink then drops the modules that carry nothing
     assert estimate.advice["verdict"] == result.advice["verdict"] == "oversized"
