@@ -9,7 +9,8 @@ whose advice is not "fits" at the advised r (same task, length, learning rate an
 as soon as it ends and runs already there are skipped, so a cut-off study resumes where it stopped. `--report`
 prints the goal tables from the JSON. `--checkpoints DIR` also saves the adapter wherever the estimate runs (under
 DIR/<run key>/<fraction>); `--re-estimate` then calls `estimate_shrink` again on every saved adapter of the runs in
-the JSON and replaces their estimates, so a change to the estimator is measured without retraining.
+the JSON and replaces their estimates (keeping the replaced ones), so a changed estimator is measured without
+retraining.
 
     python scripts/rank_advice_study.py --task cmudict --r 4 --steps 60 --lr 2e-3 --seeds 0 1 2 --follow-advice \\
         --out scripts/results/rank_advice.json
@@ -76,7 +77,10 @@ class Study:
         self.sample = eval_batches(tokenizer, rows[:SAMPLE_ROWS], 32)
 
     def re_estimate(self, key: str, run: dict) -> None:
-        """Replace `run`'s estimates by `estimate_shrink` on the adapters saved at each of them."""
+        """Replace `run`'s estimates by `estimate_shrink` on the adapters saved at each of them; the replaced ones
+        are kept under "estimates_before", with the commit that made them."""
+        made_by = run.get("estimate_commit", run["commit"])
+        run["estimates_before"] = {"commit": made_by, "estimates": copy.deepcopy(run["estimates"])}
         for entry in run["estimates"]:
             path = checkpoint_dir(self.args.checkpoints, key, entry["fraction"])
             model = load_elastic(copy.deepcopy(self.base), path)
