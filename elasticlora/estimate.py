@@ -108,30 +108,33 @@ def estimate_shrink(
     def params_of(ranks: dict[str, int]) -> int:
         return sum(k * widths[name] for name, k in ranks.items())
 
+    def uniform(k: int) -> dict[str, int]:
+        return {name: min(k, r) for name, r in full.items()}
+
     def uniform_anchor(scale: float) -> dict[str, int]:
         """The smallest of r/2, r/4, ..., 1 for every module predicted within tolerance at `scale` (else full)."""
         anchor = dict(full)
-        for k in halvings(max(full.values())):
-            uniform = {name: min(k, r) for name, r in full.items()}
-            if scale * predicted_increase(uniform) > slack:
+        for k in halvings(r_max):
+            if scale * predicted_increase(uniform(k)) > slack:
                 break
-            anchor = uniform
+            anchor = uniform(k)
         return anchor
 
+    r_max = max(full.values())
     slack = tolerance_slack(tolerance, measured.loss, mode)
     probe = uniform_anchor(1.0)
-    if probe == full and max(full.values()) > 1:
-        probe = {name: min(max(full.values()) // 2, r) for name, r in full.items()}  # as shrink measures first
+    if probe == full and r_max > 1:
+        probe = uniform(r_max // 2)  # as shrink measures first
     with truncated(model, probe, adapter):
         probe_loss = eval_loss(model, batches, autocast_dtype=autocast_dtype)
-    increase = probe_loss - measured.loss
+    increase, predicted = probe_loss - measured.loss, predicted_increase(probe)
     if increase <= slack:
         ranks, loss = probe, probe_loss  # measured within tolerance
-        scale = increase / predicted_increase(probe) if increase > 0 and predicted_increase(probe) > 0 else 0.0
-    elif predicted_increase(probe) <= 0:
+        scale = increase / predicted if increase > 0 and predicted > 0 else 0.0
+    elif predicted <= 0:
         ranks, loss, scale = dict(full), measured.loss, 0.0  # a cost the curves do not see: keep every rank
     else:
-        scale = increase / predicted_increase(probe)
+        scale = increase / predicted
         anchor = uniform_anchor(scale)
         below = allocation_path({name: c[: anchor[name] + 1] for name, c in costs.items()}, widths)
         ranks = next(config for config in reversed(below) if scale * predicted_increase(config) <= slack)

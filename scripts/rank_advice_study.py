@@ -184,8 +184,8 @@ def report(results: dict, tolerance: float) -> str:
         "## Shrunk test loss by r_max",
         "",
         "| task, steps | r_max | seeds | shrunk test | exported | needed rank |",
+        "|---|---|---|---|---|---|",
     ]
-    lines.append("|---|---|---|---|---|---|")
     groups: dict[tuple, list[dict]] = {}
     for key, run in runs.items():
         groups.setdefault((key.split("|")[0], run["steps"], run["r"]), []).append(run)
