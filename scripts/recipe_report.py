@@ -24,15 +24,28 @@ def _mean_dev(entry: dict) -> float:
     return statistics.mean(entry["dev"].values())
 
 
-def chosen(runs: list[dict]) -> dict[tuple, list[dict]]:
-    """(task, steps, arm) -> the runs (all seeds) at the lr chosen on dev at seed 0."""
+def _by_arm(runs: list[dict]) -> dict[tuple, list[dict]]:
     by_arm = defaultdict(list)
     for entry in runs:
         by_arm[(entry["task"], entry["steps"], entry["arm"])].append(entry)
+    return by_arm
+
+
+def dev_by_lr(entries: list[dict]) -> dict[float, float]:
+    """lr -> the dev loss an arm's lr is chosen by, at seed 0 (at the best seed where no seed 0 ran)."""
+    seed0 = [e for e in entries if e["seed"] == 0] or entries
+    out = {}
+    for entry in seed0:
+        out[entry["lr"]] = min(out.get(entry["lr"], float("inf")), _mean_dev(entry))
+    return out
+
+
+def chosen(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """(task, steps, arm) -> the runs (all seeds) at the lr chosen on dev at seed 0."""
     picked = {}
-    for key, entries in by_arm.items():
-        seed0 = [e for e in entries if e["seed"] == 0] or entries
-        lr = min(seed0, key=_mean_dev)["lr"]
+    for key, entries in _by_arm(runs).items():
+        sweep = dev_by_lr(entries)
+        lr = min(sweep, key=sweep.get)
         picked[key] = [e for e in entries if e["lr"] == lr]
     return picked
 
@@ -68,6 +81,7 @@ def _pyplot():
 
 def write_report(results: dict, out: Path) -> None:
     plt = _pyplot()
+    by_arm = _by_arm(list(results["runs"].values()))
     picked = chosen(list(results["runs"].values()))
     clipped = f" Gradient clipped at norm {results['max_grad_norm']:g}." if results.get("max_grad_norm") else ""
     model = f"{results['model']}, " if results.get("model", "smollm2") != "smollm2" else ""
@@ -132,6 +146,18 @@ def write_report(results: dict, out: Path) -> None:
                 for tol, s in e["shrink"].items():
                     cells = f"{float(tol):.1%} | {e['seed']} | {s['params']:,} | {s['test']:.3f} | {s['max_rank']}"
                     lines.append(f"| {arm} | {cells} |")
+        sweeps = {arm: dev_by_lr(e) for (t, s, arm), e in by_arm.items() if (t, s) == (task, steps)}
+        lines += [
+            "",
+            "| lr chosen on dev at seed 0 (elastic: mean over ranks; LoRA: its own rank) | lr: dev loss |",
+            "|---|---|",
+        ]
+        for arm, sweep in sorted(sweeps.items()):
+            best = min(sweep, key=sweep.get)
+            cells = ", ".join(
+                f"{lr:g}: " + (f"**{v:.3f}**" if lr == best else f"{v:.3f}") for lr, v in sorted(sweep.items())
+            )
+            lines.append(f"| {arm} | {cells} |")
         seconds = {arm: statistics.mean(e["seconds"] for e in entries) for arm, entries in arms.items()}
         lines += ["", "Training seconds per run: " + ", ".join(f"{a} {s:.0f}" for a, s in sorted(seconds.items())), ""]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
