@@ -123,7 +123,7 @@ def write_report(results: dict, out: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank k (every module)")
         ax.set_ylabel("test eval loss")
-        ax.set_title(f"{task}, {steps} steps")
+        ax.set_title(f"{model}{task}, {steps} steps")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(out.parent / f"{_stem(out, task)}_{steps}.png", dpi=100)
