@@ -40,14 +40,16 @@ def dev_by_lr(entries: list[dict]) -> dict[float, float]:
     return out
 
 
+def at_chosen_lr(entries: list[dict]) -> list[dict]:
+    """One arm's runs (all seeds) at the lr chosen on dev at seed 0."""
+    sweep = dev_by_lr(entries)
+    lr = min(sweep, key=sweep.get)
+    return [e for e in entries if e["lr"] == lr]
+
+
 def chosen(runs: list[dict]) -> dict[tuple, list[dict]]:
     """(task, steps, arm) -> the runs (all seeds) at the lr chosen on dev at seed 0."""
-    picked = {}
-    for key, entries in _by_arm(runs).items():
-        sweep = dev_by_lr(entries)
-        lr = min(sweep, key=sweep.get)
-        picked[key] = [e for e in entries if e["lr"] == lr]
-    return picked
+    return {key: at_chosen_lr(entries) for key, entries in _by_arm(runs).items()}
 
 
 def summary(entries: list[dict], field: str = "test", curve: str | None = None) -> dict[str, tuple[float, float]]:
@@ -82,7 +84,7 @@ def _pyplot():
 def write_report(results: dict, out: Path) -> None:
     plt = _pyplot()
     by_arm = _by_arm(list(results["runs"].values()))
-    picked = chosen(list(results["runs"].values()))
+    picked = {key: at_chosen_lr(entries) for key, entries in by_arm.items()}
     clipped = f" Gradient clipped at norm {results['max_grad_norm']:g}." if results.get("max_grad_norm") else ""
     model = f"{results['model']}, " if results.get("model", "smollm2") != "smollm2" else ""
     rows = results.get("eval_rows", 300)
