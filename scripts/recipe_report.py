@@ -155,7 +155,7 @@ def write_report(results: dict, out: Path) -> None:
             "|---|---|",
         ]
         for arm, sweep in sorted(sweeps.items()):
-            best = min(sweep, key=sweep.get)
+            best = arms[arm][0]["lr"]  # the rate at_chosen_lr picked
             cells = ", ".join(
                 f"{lr:g}: " + (f"**{v:.3f}**" if lr == best else f"{v:.3f}") for lr, v in sorted(sweep.items())
             )
